@@ -1,4 +1,7 @@
-"""VQA metrics against hand-computed values and the official VQA evaluation's rules."""
+"""VQA metrics against hand-computed values and the official VQA evaluation's rules; the
+evaluator protocol of base.py (registry, batching, multi-process gathering, errors)."""
+import json
+
 import numpy as np
 import pytest
 
@@ -152,3 +155,100 @@ def test_malformed_ground_truth_and_config():
   m = vqa.VQAEvaluator([_ex(np.int64(9), np.array([b"cat", b"dog"]))],
                        metrics=("exact_match",)).run(lambda b: ["cat"])
   assert m["exact_match"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------
+# The evaluator protocol (base.py), exercised through the VQA evaluator.
+# ---------------------------------------------------------------------------------------
+def _fake_allgather(other_records):
+  """A 2-process process_allgather as seen from process 0; process 1 holds other_records."""
+  other = np.frombuffer(json.dumps(other_records).encode("utf-8"), np.uint8)
+
+  def allgather(x):
+    x = np.asarray(x)
+    if x.ndim == 0:
+      return np.stack([x, np.array(other.size, x.dtype)])
+    theirs = np.zeros_like(x)  # Both processes pad to the same (max) length.
+    theirs[:other.size] = other
+    return np.stack([x, theirs])
+
+  return allgather
+
+
+@pytest.mark.parametrize("mine,theirs", [
+    ([{"id": 1, "prediction": "ünïcode ✓"}], [{"id": 2, "x": [1.5, None]}] * 3),
+    ([{"id": "a" * 50}], [{"id": "b"}]),
+    ([], [{"id": 3}]),
+])
+def test_allgather_records_concatenates_in_process_order(mine, theirs):
+  assert base.allgather_records(mine, _fake_allgather(theirs)) == mine + theirs
+
+
+def test_multi_process_steps_line_up_with_empty_batches():
+  # This process has 3 examples (2 batches of 2); another has 5 (3 batches): the third
+  # collective step must still call predict_fn, with an empty batch.
+  steps = []
+
+  def sync(has_more):
+    steps.append(has_more)
+    return has_more or len(steps) <= 3
+
+  calls = []
+
+  def predict(batch):
+    calls.append(len(batch))
+    return ["a"] * len(batch)
+
+  ev = vqa.VQAEvaluator([_ex(i, ["a"]) for i in range(3)], batch_size=2, sync=sync,
+                        metrics=("exact_match",))
+  m = ev.run(predict)
+  assert calls == [2, 1, 0] and steps == [True, True, False, False]
+  assert m == {"exact_match": 1.0, "num": 3}
+
+
+def test_examples_streams_callables_and_one_shot_iterators():
+  exs = [_ex(i, ["yes"]) for i in range(5)]
+  predict = lambda b: ["yes"] * len(b)
+  gen_ev = vqa.VQAEvaluator((e for e in exs), batch_size=2)
+  assert gen_ev.run(predict)["num"] == 5
+  with pytest.raises(RuntimeError, match="one-shot iterator"):
+    gen_ev.run(predict)
+  fn_ev = vqa.VQAEvaluator(lambda: iter(exs), batch_size=4)
+  assert fn_ev.run(predict)["num"] == 5 and fn_ev.run(predict)["num"] == 5
+
+
+def test_run_errors():
+  exs = [_ex(1, ["a"]), _ex(2, ["b"])]
+  with pytest.raises(ValueError, match="returned 1 texts for a batch of 2"):
+    vqa.VQAEvaluator(exs).run(lambda b: ["a"])
+  with pytest.raises(TypeError, match="returned a bytes for example 1"):
+    vqa.VQAEvaluator(exs).run(lambda b: [b"a", "b"])
+  with pytest.raises(TypeError, match="must return a list of strings"):
+    vqa.VQAEvaluator(exs).run(lambda b: "ab")
+  with pytest.raises(ValueError, match="id 1 was evaluated twice"):
+    vqa.VQAEvaluator(exs + [_ex(1, ["c"])]).run(lambda b: ["a"] * len(b))
+  with pytest.raises(ValueError, match="no examples"):
+    vqa.VQAEvaluator([]).run(lambda b: [])
+  with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+    vqa.VQAEvaluator(exs, batch_size=0)
+  with pytest.raises(base.MalformedExampleError, match="field 'id': missing"):
+    vqa.VQAEvaluator([{"answers": ["a"]}]).run(lambda b: ["a"])
+
+
+def test_registry_and_predictions_file(tmp_path):
+  names = base.registered_names()
+  for n in ("caption", "vqa", "vqav2", "docvqa", "chartqa", "detection", "refcoco",
+            "segmentation"):
+    assert n in names
+  with pytest.raises(KeyError, match="unknown evaluator 'vqa3'.*'vqav2'"):
+    base.create("vqa3", examples=[])
+  with pytest.raises(ValueError, match="already registered"):
+    base.register("vqa")(type("Other", (vqa.VQAEvaluator,), {}))
+  with pytest.raises(TypeError, match="Evaluator subclass"):
+    base.register("thing")(dict)
+  ev = base.create("vqa", examples=[_ex(1, ["a"]), _ex("q2", ["b"])])
+  ev.run(lambda b: ["a"] * len(b))
+  path = tmp_path / "predictions.jsonl"
+  ev.write_predictions(path)
+  lines = [json.loads(l) for l in path.read_text().splitlines()]
+  assert lines == ev.last_predictions and [l["id"] for l in lines] == [1, "q2"]

@@ -53,7 +53,8 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
   return inter / union if union > 0 else 0.0
 
 
-def _gt_boxes(example, eid, *, labels: bool) -> tuple[list[list[float]], list[str]]:
+def parse_gt_boxes(example, eid, *, labels: bool) -> tuple[list[list[float]], list[str]]:
+  """Checked example["objects"]: (N boxes y1,x1,y2,x2 in [0,1], N labels or [])."""
   objects = base.get_field(example, "objects", eid,
                            'dict with "bbox" float[N,4] (y1,x1,y2,x2 normalised)'
                            + (' and "label" list[str]' if labels else ""))
@@ -85,7 +86,8 @@ def _gt_boxes(example, eid, *, labels: bool) -> tuple[list[list[float]], list[st
   return boxes.tolist(), names
 
 
-def _image_size(example, eid) -> tuple[int, int]:
+def parse_image_size(example, eid) -> tuple[int, int]:
+  """Checked (example["height"], example["width"]) of the original image."""
   out = []
   for key in ("height", "width"):
     v = base.get_field(example, key, eid, "int > 0 (original image size in pixels)")
@@ -195,8 +197,8 @@ class DetectionEvaluator(base.Evaluator):
 
   def score_example(self, example, prediction):
     eid = base.example_id(example)
-    gt_boxes, gt_labels = _gt_boxes(example, eid, labels=True)
-    h, w = _image_size(example, eid)
+    gt_boxes, gt_labels = parse_gt_boxes(example, eid, labels=True)
+    h, w = parse_image_size(example, eid)
     objs = tokenizer.parse_objects(prediction)
     valid = [o for o in objs if o.valid]
     return {"id": eid, "prediction": prediction, "height": h, "width": w,
@@ -245,7 +247,7 @@ class RefCocoEvaluator(base.Evaluator):
 
   def score_example(self, example, prediction):
     eid = base.example_id(example)
-    boxes, _ = _gt_boxes(example, eid, labels=False)
+    boxes, _ = parse_gt_boxes(example, eid, labels=False)
     if len(boxes) != 1:
       raise base.MalformedExampleError(
           eid, "objects/bbox", f"refcoco expects exactly one box (the referred object), "
