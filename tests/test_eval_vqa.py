@@ -1,6 +1,10 @@
 """VQA metrics against hand-computed values and the official VQA evaluation's rules; the
 evaluator protocol of base.py (registry, batching, multi-process gathering, errors)."""
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -252,3 +256,56 @@ def test_registry_and_predictions_file(tmp_path):
   ev.write_predictions(path)
   lines = [json.loads(l) for l in path.read_text().splitlines()]
   assert lines == ev.last_predictions and [l["id"] for l in lines] == [1, "q2"]
+
+
+_WORKER = r'''
+import json, os, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, pid = sys.argv[1], int(sys.argv[2])
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+from big_vision_lite.evaluators import vqa
+exs = [{"id": i, "answers": [str(i % 3)] * 7 + ["x"] * 3} for i in range(7)]
+calls = []
+def predict(batch):
+  calls.append(len(batch))
+  return [str(e["id"] % 2) for e in batch]
+ev = vqa.VQAEvaluator(exs[pid::2], batch_size=3, metrics=("exact_match", "vqa_accuracy"))
+metrics = ev.run(predict)
+print("RESULT " + json.dumps({"count": jax.process_count(), "calls": calls,
+                              "metrics": metrics, "ids": [r["id"] for r in ev.last_predictions]}))
+'''
+
+
+def test_real_two_process_run_gathers_all_records(tmp_path):
+  """Two JAX processes (CPU, gloo): uneven shards, lock-step calls, identical metrics."""
+  script = tmp_path / "worker.py"
+  script.write_text(_WORKER)
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(p)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for p in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      out, err = p.communicate(timeout=120)
+    finally:
+      if p.poll() is None:
+        p.kill()
+    assert p.returncode == 0, err[-3000:]
+    outs.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:]))
+  exs = [{"id": i, "answers": [str(i % 3)] * 7 + ["x"] * 3} for i in range(7)]
+  want = vqa.VQAEvaluator(exs, metrics=("exact_match", "vqa_accuracy")).run(
+      lambda b: [str(e["id"] % 2) for e in b])
+  # Process 0 has 4 examples (batches of 3 and 1), process 1 has 3 (one batch, then an
+  # empty call so that both make two calls).
+  assert [o["calls"] for o in outs] == [[3, 1], [3, 0]]
+  for o in outs:
+    assert o["count"] == 2
+    assert o["metrics"] == pytest.approx(want)
+    assert o["ids"] == [0, 2, 4, 6, 1, 3, 5]
