@@ -271,10 +271,10 @@ def make_optimizer(config: Any, params: Any, *, total_steps: int | None = None
     if not table:
       return jax.tree.map(lambda _: default, names)
     table = [tuple(r) for r in table]
+    match = _first_match(table, f"config.{key}")  # Also checks that entries are pairs.
     for pattern, mult in table:
       if check:
         check(pattern, mult)
-    match = _first_match(table, f"config.{key}")
     return jax.tree.map(lambda n: default if match(n) is None else float(table[match(n)][1]),
                         names)
 

@@ -105,7 +105,8 @@ def mesh_shape(axes: MeshAxes, num_devices: int) -> tuple[tuple[str, ...], tuple
   if len(set(names)) != len(names):
     raise ValueError(f"mesh axis names repeat: {names}")
   if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-    raise ValueError(f"mesh axis sizes must be positive, with at most one -1 (= the rest): {axes!r}")
+    raise ValueError("mesh axis sizes must be positive, with at most one -1 (= the rest): "
+                     f"{axes!r}")
   fixed = math.prod(s for s in sizes if s != -1)
   if num_devices % fixed:
     raise ValueError(f"mesh {axes!r}: the product of the fixed sizes ({fixed}) does not "

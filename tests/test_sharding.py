@@ -240,7 +240,7 @@ def test_batch_sharding_and_global_batch():
     assert batch[k].sharding.spec == P(("data", "fsdp"))
     # 4 data shards of 2 rows, each held by both "tensor" devices.
     assert {s.data.shape[0] for s in batch[k].addressable_shards} == {2}
-  with pytest.raises(ValueError, match=r"batch\['text'\]: global batch 6 .* not divisible by the 4"):
+  with pytest.raises(ValueError, match=r"batch\['text'\]: global batch 6 .* divisible by the 4"):
     sharding.make_global_batch({"text": np.zeros((6, 3))}, mesh)
 
 
