@@ -303,8 +303,9 @@ class TrainIterator(Iterator[dict]):
     self._last_state = state
 
   def stats(self) -> dict[str, float]:
-    """Cumulative counters and the seconds next() spent waiting for input."""
-    return {"wait_s": self._wait_s, **self._counters}
+    """Counters up to the last batch returned (not the prefetched ones), and the seconds
+    next() spent waiting for input."""
+    return {"wait_s": self._wait_s, **self._last_state["counters"]}
 
   def close(self) -> None:
     self._halt()
