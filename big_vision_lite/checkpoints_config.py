@@ -198,8 +198,9 @@ def merge_config(base: ModelConfig, overrides: Mapping[str, Any]) -> ModelConfig
 
 def config_from_hf(hf: Mapping[str, Any], where: str) -> tuple[ModelConfig, int]:
   """PaliGemmaConfig dict -> (model config, image_token_index). Unsupported settings raise."""
-  if hf.get("model_type") != "paligemma":
-    raise ValueError(f"{where}: model_type is {hf.get('model_type')!r}, expected 'paligemma'")
+  if not isinstance(hf, Mapping) or hf.get("model_type") != "paligemma":
+    got = hf.get("model_type") if isinstance(hf, Mapping) else type(hf).__name__
+    raise ValueError(f"{where}: model_type is {got!r}, expected 'paligemma'")
   text, vision = hf.get("text_config") or {}, hf.get("vision_config") or {}
   text_type = text.get("model_type", "gemma")
   if text_type not in _TEXT_DEFAULTS:

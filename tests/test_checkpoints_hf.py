@@ -308,6 +308,12 @@ def test_hf_errors_are_clear(fixtures_dir, tmp_path):
   with_config(model_type="gemma3")
   with pytest.raises(ValueError, match="only 'gemma'"):
     checkpoints.load(folder)
+  (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "llava"}))
+  with pytest.raises(ValueError, match="model_type is 'llava', expected 'paligemma'"):
+    checkpoints.load(folder)
+  (folder / "config.json").write_text("[1, 2")
+  with pytest.raises(ValueError, match="config.json: unreadable JSON"):
+    checkpoints.load(folder)
   with_config()
   data = (folder / "model.safetensors").read_bytes()
   (folder / "model.safetensors").write_bytes(data[: len(data) - 1000])
