@@ -127,20 +127,22 @@ def qa_of(shapes: list[dict], rng: np.random.Generator) -> list[tuple[str, str]]
 
 
 def _background(bg: dict, size: int) -> np.ndarray:
-  if bg["style"] == 1:
+  c1 = bg["c1"].astype(np.float32)
+  if bg["style"] == 1:  # Linear gradient c1 -> c2 along `angle`: a sum of a row and a column.
     t = np.linspace(-1, 1, size, dtype=np.float32)
-    proj = np.cos(bg["angle"]) * t[None, :] + np.sin(bg["angle"]) * t[:, None]
-    w = ((proj + 1.5) / 3.0)[..., None]
-    img = bg["c1"].astype(np.float32) * (1 - w) + bg["c2"].astype(np.float32) * w
+    d = (bg["c2"].astype(np.float32) - c1) / 3.0
+    rows = (np.float32(np.sin(bg["angle"])) * t)[:, None] * d
+    cols = (np.float32(np.cos(bg["angle"])) * t)[:, None] * d
+    img = ((c1 + 1.5 * d) + rows[:, None, :] + cols[None, :, :]).astype(np.uint8)
   else:
-    img = np.broadcast_to(bg["c1"].astype(np.float32), (size, size, 3))
-  img = img.astype(np.int16)
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = c1.astype(np.uint8)
   if bg["style"] == 2:
     amp = int(bg["noise"])
     noise = np.random.default_rng(bg["noise_seed"]).integers(-amp, amp + 1, (size, size, 1),
                                                              dtype=np.int16)
-    img = img + noise
-  return np.clip(img, 0, 255).astype(np.uint8)
+    img = np.clip(img + noise, 0, 255).astype(np.uint8)
+  return img
 
 
 def render(layout: dict, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -379,7 +379,11 @@ def make_train_iterator(input_cfg, *, tokenizer=None, seed: int = 0, data_shardi
                                             prefetch_buffer_size=buffer))
   if settings["num_workers"]:
     _ensure_absl_flags_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings["num_workers"]))
+    workers = settings["num_workers"]
+    # Elements cross processes one by one: let each worker run a batch-share ahead.
+    per_worker = max(2, -(-local_batch * max(1, settings["prefetch"]) // workers))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=per_worker))
   fingerprint = dict(batch_size=batch_size, process_index=process_index,
                      process_count=process_count, num_workers=settings["num_workers"],
                      components=[[c["name"], c["weight"], c["pp"]] for c in components],

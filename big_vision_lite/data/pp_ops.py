@@ -101,10 +101,15 @@ def get_value_range(vmin=-1, vmax=1, in_min=0, in_max=255.0, clip_values=False):
   if np.any(in_max_a == in_min_a):
     raise ValueError(f"in_max must differ from in_min, got {in_min!r}, {in_max!r}")
 
+  # One multiply-add pass: x * scale + offset == vmin + (x - in_min) / (in_max - in_min) * (..).
+  scale = (np.float32(vmax) - np.float32(vmin)) / (in_max_a - in_min_a)
+  offset = np.float32(vmin) - in_min_a * scale
+
   def _value_range(image, rt, data):
-    x = (np.asarray(image, np.float32) - in_min_a) / (in_max_a - in_min_a)
-    x = np.float32(vmin) + x * np.float32(vmax - vmin)
-    return np.clip(x, vmin, vmax) if clip_values else x
+    x = np.array(image, np.float32)  # A copy: the in-place ops below never touch the input.
+    x *= scale
+    x += offset
+    return np.clip(x, vmin, vmax, out=x) if clip_values else x
   return _value_range
 
 
