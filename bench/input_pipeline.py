@@ -19,7 +19,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 
 from big_vision_lite.data import demo, pipeline  # noqa: E402

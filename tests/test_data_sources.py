@@ -100,7 +100,11 @@ def test_jsonl_good_and_bad_rows(jsonl_dir):
 
 def test_jsonl_split_base_dir_and_pickle(jsonl_dir, tmp_path_factory):
   src = make_source({"name": "jsonl", "path": str(jsonl_dir / "data.jsonl"), "split": "[1:3]"})
-  assert len(src) == 2 and src[0]["id"] == "b"
+  assert len(src) == 2 and src[0]["id"] == "b" and src.where(1) == f"{jsonl_dir}/data.jsonl:3"
+  with pytest.raises(ExampleError, match="malformed"):
+    src[1]
+  assert make_source({"name": "jsonl", "path": str(jsonl_dir / "data.jsonl"),
+                      "split": "[7:]"})[0]["id"] == 7
   other = tmp_path_factory.mktemp("elsewhere")
   (other / "d.jsonl").write_text(json.dumps({"pic": "img/b.jpg"}) + "\n")
   src = make_source({"name": "jsonl", "path": str(other / "d.jsonl"), "image_keys": ["pic"],

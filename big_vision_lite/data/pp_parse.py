@@ -141,10 +141,6 @@ def set_key(data: Example, key: str, value) -> None:
     data[key] = value
 
 
-def has_key(data: Example, key: str) -> bool:
-  return get_key(data, key, None) is not None or key in data
-
-
 def inkey_outkey(indefault: str | None = "image", outdefault: str | None = "image"):
   """Adds big_vision's `key` / `inkey` / `outkey` arguments to a single-value op factory.
 
@@ -281,7 +277,7 @@ def _build_op(spec: OpSpec, pp: str, ctx: PPContext) -> OpFn:
   try:
     sig.bind(*spec.args, **kwargs)
   except TypeError as e:
-    shown = str(sig).replace(", *, ctx", "").replace(", ctx", "").replace("*, ctx", "")
+    shown = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "ctx"])
     raise PPError(f"pp op {spec.name}: bad arguments ({e}); signature: {spec.name}{shown}\n"
                   f"{where}") from None
   try:

@@ -89,6 +89,7 @@ class JsonlSource:
     self._offsets = np.asarray(offsets[lo:hi], np.int64)
     self._lengths = np.asarray(lengths[lo:hi], np.int64)
     self._lines = np.asarray(lines[lo:hi], np.int64)
+    self._first = lo  # Default ids count records of the whole file, whatever the slice.
     self._fd = None
 
   def __getstate__(self):
@@ -127,7 +128,7 @@ class JsonlSource:
         raise ExampleError(f"image file not found: {file}") from None
       except OSError as e:
         raise ExampleError(f"cannot read image file {file}: {e}") from None
-    record.setdefault("id", i)
+    record.setdefault("id", self._first + int(i))
     return record
 
 
