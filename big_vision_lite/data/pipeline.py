@@ -15,7 +15,8 @@ Trainer API
 Input wait: `stats()["wait_s"]` is the cumulative time `next()` spent blocked; the fraction of
 a logging interval spent waiting is delta(wait_s) / delta(wall time). Batches are made (and
 put on the devices) by a background thread `input.prefetch` batches ahead; with
-`input.num_workers` > 0 grain preprocesses in that many worker processes.
+`input.num_workers` > 0 grain preprocesses in that many (spawned, CPU-only) worker processes:
+everything in the pp (tokenizer, encode_masks) must then be picklable.
 
 Config (every key required; unknown keys are errors):
   input.data = dict(name=..., split=..., ...)  one source (see sources.py), with input.pp
@@ -32,7 +33,9 @@ process count and num_workers (checked). Epochs repeat forever; the trainer stop
 """
 import json
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from typing import Any, Iterator, Mapping
@@ -321,6 +324,16 @@ class TrainIterator(Iterator[dict]):
       pass
 
 
+def _cpu_only_worker(worker_index: int, worker_count: int) -> None:
+  """grain worker init: input workers never touch accelerators. A JAX mask encoder (or TF)
+  running in a worker would otherwise initialise the GPU/TPU and take the trainer's memory."""
+  del worker_index, worker_count
+  os.environ["CUDA_VISIBLE_DEVICES"] = ""
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  if "jax" in sys.modules:  # Imported by the re-run main module, but no backend started yet.
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
 def _ensure_absl_flags_parsed() -> None:
   # grain's worker processes read absl flags; scripts without absl.app never parse them.
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -383,7 +396,8 @@ def make_train_iterator(input_cfg, *, tokenizer=None, seed: int = 0, data_shardi
     # Elements cross processes one by one: let each worker run a batch-share ahead.
     per_worker = max(2, -(-local_batch * max(1, settings["prefetch"]) // workers))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                     per_worker_buffer_size=per_worker))
+                                                     per_worker_buffer_size=per_worker),
+                        worker_init_fn=_cpu_only_worker)
   fingerprint = dict(batch_size=batch_size, process_index=process_index,
                      process_count=process_count, num_workers=settings["num_workers"],
                      components=[[c["name"], c["weight"], c["pp"]] for c in components],
