@@ -90,7 +90,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float = 10_00
   """Rotary embedding of x[B,T,N,H] at int positions[B,T]; halves rotated as in Gemma."""
   h = x.shape[-1]
   timescale = max_wavelength ** (2 * jnp.arange(h // 2, dtype=jnp.float32) / h)
-  radians = positions[..., None, None].astype(jnp.float32) / timescale  # [B,T,1,H/2]
+  radians = positions[..., None, None].astype(jnp.float32) / timescale[None, None, None]
   sin, cos = jnp.sin(radians), jnp.cos(radians)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -109,7 +109,8 @@ class RMSNorm(nn.Module):
     scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (normed * (1 + scale.astype(jnp.float32))).astype(x.dtype)
+    scale = (1 + scale.astype(jnp.float32)).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (normed * scale).astype(x.dtype)
 
 
 class Einsum(nn.Module):
