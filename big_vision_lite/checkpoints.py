@@ -311,11 +311,19 @@ def _is_npz(path: pathlib.Path) -> bool:
     return f.read(4) == b"PK\x03\x04" or path.suffix == ".npz"
 
 
+def _workdir_reader(path: str) -> Reader:
+  from big_vision_lite import run_state  # pylint: disable=g-import-not-at-top
+  return run_state.WorkdirReader(path)
+
+
 # (name, detect(path) -> bool, open(path) -> Reader), tried in order.
 _FORMATS: list[tuple[str, Callable[[pathlib.Path], bool], Callable[[str], Reader]]] = [
     ("npz", lambda p: p.is_file() and _is_npz(p), NpzReader),
+    # A training workdir (run_state.py) or one of its <workdir>/checkpoints/<step> folders;
+    # before "hf" because a workdir holds a config.json too.
+    ("workdir", lambda p: p.is_dir() and ((p / "checkpoints").is_dir() or (
+        p.parent.name == "checkpoints" and p.name.isdigit())), _workdir_reader),
     ("hf", lambda p: p.is_dir() and (p / "config.json").is_file(), _hf_reader),
-    # Training workdirs (orbax) go here: ("workdir", lambda p: ..., WorkdirReader).
 ]
 
 
@@ -355,8 +363,9 @@ def load(path: str | os.PathLike, *, param_dtype: str | None = None, shardings: 
   """Reads a checkpoint (big_vision .npz or Hugging Face folder) and infers its model config.
 
   Args:
-    path: a big_vision .npz file or a Hugging Face PaliGemma folder (config.json +
-      model.safetensors or a sharded model.safetensors.index.json).
+    path: a big_vision .npz file, a Hugging Face PaliGemma folder (config.json +
+      model.safetensors or a sharded model.safetensors.index.json), or a training workdir
+      (its latest step) or <workdir>/checkpoints/<step> (params only, LoRA merged).
     param_dtype: cast every parameter to this dtype (sets both towers' param_dtype).
     shardings: None (numpy arrays on the host), a pytree of jax.sharding.Sharding matching
       the returned params, or a callable "img/embedding/kernel" -> Sharding. Each array is
