@@ -157,6 +157,7 @@ def folder_masks(folder: str, seed: int, crop_to_box: float, flip: bool,
                      f"found {len(masks)} of {len(files)} files")
   order = np.random.default_rng(seed).permutation(len(masks))
   n_val = min(val_size, len(masks) // 5) or 1  # At most 20% held out.
+  # Validation on box crops: what the VQ-VAE encodes when it makes seg targets.
   val = np.stack([_to_64(masks[i], True) for i in order[:n_val]])
   train = [masks[i] for i in order[n_val:]]
 
@@ -194,8 +195,8 @@ def _sources(config, masks) -> tuple[Iterator[np.ndarray], np.ndarray]:
     return _checked(stream(), f"folder {d.folder}"), val
   if masks is None:
     raise ValueError(f"config.data.source must be 'synthetic' or 'folder', got {d.source!r}")
-  # A given source: its first val_size masks are held out.
-  if hasattr(masks, "__len__") and not callable(masks):  # Finite collection: shuffle, cycle.
+  # A given finite collection: up to 20% (at most val_size) held out, the rest cycled.
+  if hasattr(masks, "__len__") and not callable(masks):
     items = list(_checked(masks, "masks"))
     n_val = min(d.val_size, len(items) // 5) or 1
     if len(items) < 2:
@@ -207,6 +208,7 @@ def _sources(config, masks) -> tuple[Iterator[np.ndarray], np.ndarray]:
           yield items[n_val + i]
     return cycle(), np.stack(items[:n_val])
 
+  # A generator / callable: its first val_size masks are held out.
   def endless():
     while True:
       n = 0

@@ -145,6 +145,24 @@ def test_folder_with_label_folders_and_csv(tmp_path, vq):
   assert dog[1] == _expect(params, ids == 2, (10, 5, 19, 15))
 
 
+def test_masks_inside_images_folder(tmp_path, vq):
+  vq_path, params = vq
+  images = tmp_path / "data"
+  _write_image(images / "cat" / "a.png", 16, 16)
+  m = np.zeros((16, 16), np.uint8)
+  m[2:9, 3:7] = 1  # A 0/1 mask.
+  (images / "masks" / "cat").mkdir(parents=True)
+  PIL.Image.fromarray(m).save(images / "masks" / "cat" / "a.png")
+  out = tmp_path / "o.jsonl"
+  seg_targets.main(["--vqvae", str(vq_path), "--images", str(images),
+                    "--masks", str(images / "masks"), "--out", str(out)])
+  (line,) = [json.loads(l) for l in out.read_text().splitlines()]
+  (obj,) = _parse(line["suffix"])
+  assert line["image"] == "cat/a.png"
+  assert obj[0] == [round(v / 16 * 1023) for v in (2, 3, 9, 7)]
+  assert obj[1] == _expect(params, m > 0, (2, 3, 9, 7))
+
+
 def test_read_mask_png(tmp_path):
   a = np.array([[0, 1, 1], [0, 0, 1]], np.uint8)
   PIL.Image.fromarray(a).save(tmp_path / "01.png")
@@ -175,5 +193,32 @@ def test_errors(tmp_path, vq):
   with pytest.raises(ValueError, match="not a COCO instances json"):
     seg_targets.main(["--vqvae", str(vq_path), "--coco", str(tmp_path / "bad.json"),
                       "--out", str(tmp_path / "o.jsonl")])
+  (tmp_path / "bad2.json").write_text(json.dumps({
+      "images": [{"id": 1, "file_name": "a.jpg", "height": 4, "width": 4}],
+      "categories": [{"id": 1, "name": "cat"}],
+      "annotations": [{"id": 9, "image_id": 2, "category_id": 1, "segmentation": []}]}))
+  with pytest.raises(ValueError, match="annotation 9 has unknown image_id 2"):
+    seg_targets.main(["--vqvae", str(vq_path), "--coco", str(tmp_path / "bad2.json"),
+                      "--out", str(tmp_path / "o.jsonl")])
   with pytest.raises(SystemExit):
     seg_targets.main(["--vqvae", str(vq_path), "--out", "x"])  # Neither --coco nor --masks.
+
+
+def test_many_instances_span_encode_batches(vq):
+  _, params = vq
+  ids = np.zeros((60, 80), np.int32)
+  for i in range(40):  # 40 instances > the 32-crop encode batch.
+    y, x = divmod(i, 8)
+    ids[y * 12 + 1:y * 12 + 4 + y, x * 10 + 1:x * 10 + 9 - i % 3] = i + 1
+  insts = [seg_targets.Instance("img.png", (60, 80), "box", ids == i + 1) for i in range(40)]
+  stats = seg_targets.Stats()
+  (line,) = seg_targets.targets(insts + [seg_targets.Instance("img.png", (60, 80), "box",
+                                                              np.zeros((60, 80), bool))],
+                                params, stats)
+  objs = _parse(line["suffix"])
+  assert len(objs) == 40 and stats == {"instances": 40, "skipped_empty": 1, "lines": 1}
+  for i, (locs, codes, label) in enumerate(objs):
+    box = vqvae.tight_box(ids == i + 1)
+    assert locs == [round(box[0] / 60 * 1023), round(box[1] / 80 * 1023),
+                    round(box[2] / 60 * 1023), round(box[3] / 80 * 1023)]
+    assert codes == _expect(params, ids == i + 1, box) and label == "box"

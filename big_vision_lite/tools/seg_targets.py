@@ -62,11 +62,12 @@ def coco_instances(ann_path: str | os.PathLike, images_dir: str | os.PathLike | 
                      f"annotations ({e!r})") from e
   by_image = collections.defaultdict(list)
   for a in anns:
+    if a.get("image_id") not in images or a.get("category_id") not in cats:
+      raise ValueError(f"{ann_path}: annotation {a.get('id')} has unknown image_id "
+                       f"{a.get('image_id')} or category_id {a.get('category_id')}")
     by_image[a["image_id"]].append(a)
   for image_id in sorted(by_image, key=lambda i: str(images[i]["file_name"])):
-    im = images.get(image_id)
-    if im is None:
-      raise ValueError(f"{ann_path}: annotation refers to unknown image_id {image_id}")
+    im = images[image_id]
     h, w = int(im["height"]), int(im["width"])
     if images_dir is not None and not (pathlib.Path(images_dir) / im["file_name"]).is_file():
       raise FileNotFoundError(f"{ann_path}: image {im['file_name']!r} not found under {images_dir}")
@@ -87,9 +88,6 @@ def coco_instances(ann_path: str | os.PathLike, images_dir: str | os.PathLike | 
       if mask.shape != (h, w):
         raise ValueError(f"{ann_path}: annotation {a.get('id')} mask is {mask.shape}, image "
                          f"{im['file_name']!r} is {(h, w)}")
-      if a["category_id"] not in cats:
-        raise ValueError(f"{ann_path}: annotation {a.get('id')} has unknown category_id "
-                         f"{a['category_id']}")
       yield Instance(im["file_name"], (h, w), cats[a["category_id"]], mask)
 
 
@@ -135,7 +133,9 @@ def folder_instances(images_dir: str | os.PathLike, masks_dir: str | os.PathLike
   if not images_dir.is_dir() or not masks_dir.is_dir():
     raise ValueError(f"--images {images_dir} and --masks {masks_dir} must be folders")
   labels = _read_labels(labels_csv) if labels_csv else None
-  files = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+  masks_abs = masks_dir.resolve()  # The mask folder may sit inside the image folder.
+  files = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTS
+                 and masks_abs not in p.resolve().parents)
   if not files:
     raise ValueError(f"--images {images_dir}: no images ({', '.join(IMAGE_EXTS)})")
   for path in files:
@@ -166,8 +166,15 @@ def targets(instances: Iterable[Instance], params: dict, stats: Stats | None = N
             prefix: str = "segment {label}") -> list[dict]:
   """One {"image", "prefix", "suffix"} dict per (image, label), in input order."""
   stats = Stats() if stats is None else stats
-  groups = collections.OrderedDict()  # (image, label) -> [(box, crop)].
-  sizes = {}
+  groups = {}  # (image, label) -> [[box, codes or None]] (dicts keep insertion order).
+  sizes, pending = {}, []  # pending: (entry, crop) not encoded yet; crops are 16 KB each.
+
+  def flush():
+    codes = _encode_batch(params, [crop for _, crop in pending])
+    for (entry, _), c in zip(pending, codes):
+      entry[1] = c
+    pending.clear()
+
   for inst in instances:
     if ";" in inst.label or not inst.label.strip():
       raise ValueError(f"{inst.image}: label {inst.label!r} must be non-empty without ';'")
@@ -175,32 +182,29 @@ def targets(instances: Iterable[Instance], params: dict, stats: Stats | None = N
     if box is None:
       stats["skipped_empty"] += 1
       continue
-    groups.setdefault((inst.image, inst.label), []).append(
-        (box, vqvae.crop_mask_to_box(inst.mask, box)))
+    entry = [box, None]
+    groups.setdefault((inst.image, inst.label), []).append(entry)
+    pending.append((entry, vqvae.crop_mask_to_box(inst.mask, box)))
     sizes[inst.image] = inst.image_hw
     stats["instances"] += 1
-  crops = [c for items in groups.values() for _, c in items]
-  codes = _encode_all(params, crops)
-  out, i = [], 0
-  for (image, label), items in groups.items():
-    n = len(items)
-    suffix = tokenizer.objects_to_text([b for b, _ in items], [label] * n,
-                                       seg_codes=codes[i:i + n], image_size=sizes[image])
+    if len(pending) == _BATCH:
+      flush()
+  if pending:
+    flush()
+  out = []
+  for (image, label), entries in groups.items():
+    suffix = tokenizer.objects_to_text([b for b, _ in entries], [label] * len(entries),
+                                       seg_codes=[c for _, c in entries], image_size=sizes[image])
     out.append({"image": image, "prefix": prefix.format(label=label), "suffix": suffix})
-    i += n
   stats["lines"] += len(out)
   return out
 
 
-def _encode_all(params, crops: Sequence[np.ndarray]) -> np.ndarray:
-  """int32[N,16] codes, encoded in fixed-size padded batches."""
-  codes = []
-  for s in range(0, len(crops), _BATCH):
-    chunk = np.stack(crops[s:s + _BATCH])
-    pad = _BATCH - len(chunk)
-    chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.float32)])
-    codes.append(np.asarray(vqvae.encode(params, chunk))[:_BATCH - pad])
-  return np.concatenate(codes) if codes else np.zeros((0, 16), np.int32)
+def _encode_batch(params, crops: Sequence[np.ndarray]) -> np.ndarray:
+  """int32[N,16] codes of N <= _BATCH crops, padded to _BATCH (one jit compile)."""
+  chunk = np.stack(crops)
+  pad = np.zeros((_BATCH - len(chunk),) + chunk.shape[1:], np.float32)
+  return np.asarray(vqvae.encode(params, np.concatenate([chunk, pad])))[:len(crops)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
