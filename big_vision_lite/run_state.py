@@ -79,7 +79,8 @@ def encode_extra(value: Any, where: str = "") -> Any:
     out = {}
     for k, v in value.items():
       if not isinstance(k, str) or k in (_BYTES, _ARRAY, _KEY):
-        raise TypeError(f"extra{where}: key {k!r} must be a str other than {_BYTES}/{_ARRAY}/{_KEY}")
+        raise TypeError(f"extra{where}: key {k!r} must be a str other than "
+                        f"{_BYTES}/{_ARRAY}/{_KEY}")
       out[k] = encode_extra(v, f"{where}[{k!r}]")
     return out
   if isinstance(value, (list, tuple)):
@@ -437,9 +438,10 @@ class WorkdirReader(ckpt.Reader):
 
   def read(self, name: str) -> np.ndarray:
     parts = self._groups[name]
+    leaves = self._restore("params", [leaf for _, leaf in parts])  # every layer in one call
     arrays = []
     for _, leaf in parts:
-      w = self._restore("params", [leaf])[leaf]
+      w = leaves.pop(leaf)
       if f"{leaf}/a" in self._lora:
         ab = self._restore("lora", [f"{leaf}/a", f"{leaf}/b"])
         merged = lora_lib.merge_lora(ckpt.unflatten({leaf: w}), ckpt.unflatten(ab),

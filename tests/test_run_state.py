@@ -117,7 +117,11 @@ def test_keep_last_and_every(tmp_path, mesh):
 def test_async_save_wait_and_restore_latest(tmp_path, mesh):
   with run_state.RunState(tmp_path, keep_last=None) as mgr:
     for step in (5, 10, 15):
-      assert mgr.save(step, small_state(mesh, step), extra={"step": step})
+      state = small_state(mesh, step)
+      assert mgr.save(step, state, extra={"step": step})
+      # save() returns with the arrays copied off the devices: the train step may donate
+      # (here: delete) them while the files are still being written.
+      jax.tree.map(lambda x: x.delete(), state)
     assert not mgr.save(15, small_state(mesh, 99))  # already saved: nothing written
     mgr.wait()
     assert mgr.all_steps() == [5, 10, 15] and mgr.latest_step() == 15
@@ -174,7 +178,7 @@ def test_restore_errors(tmp_path, mesh):
       mgr.restore(target=bad)
     with pytest.raises(ValueError, match="reserved"):
       mgr.save(2, {"params": {}, "extra": {}})
-    with pytest.raises(TypeError, match=r"extra\['f'\]: builtin_function_or_method cannot be stored"):
+    with pytest.raises(TypeError, match=r"extra\['f'\]: builtin_function_or_method cannot"):
       mgr.save(2, {"params": small_state(mesh)["params"]}, extra={"f": print})
   with pytest.raises(ValueError, match="keep_last"):
     run_state.RunState(tmp_path, keep_last=0)
@@ -273,7 +277,8 @@ with run_state.RunState(workdir) as mgr:
     out = {}
   else:
     rep = NamedSharding(mesh, P())
-    r = mgr.restore(target={"params": {"w": jax.ShapeDtypeStruct((8, 3), np.float32, sharding=rep)}})
+    w = jax.ShapeDtypeStruct((8, 3), np.float32, sharding=rep)
+    r = mgr.restore(target={"params": {"w": w}})
     out = {"w": np.asarray(r.state["params"]["w"].addressable_data(0)).tolist(),
            "data": r.data_state.decode(), "extra": r.extra, "step": r.step}
 print("RESULT " + json.dumps(out))
