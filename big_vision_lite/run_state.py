@@ -21,7 +21,7 @@ a warning; a committed step that cannot be read is a clear error naming it, neve
 fallback to an older step.
 
     mgr = RunState(workdir, keep_last=2, keep_every=1000)
-    mgr.save(step, {"params": p, "opt": o}, extra={"rng": key, "config": cfg_json},
+    mgr.save(step, {"params": p, "opt": o}, extra={"rng": key, "loss": 1.5},
              data_state=train_iter.get_state())      # returns once arrays are off the devices
     ...
     if mgr.latest_step() is not None:                # resume
@@ -334,14 +334,14 @@ def write_config(workdir: str | os.PathLike, config: Mapping[str, Any]) -> None:
 
 
 def _run_config(step_dir: pathlib.Path, extra: Mapping[str, Any]) -> dict[str, Any]:
-  """The step's own extra["config"] if present, else <workdir>/config.json."""
+  """<workdir>/config.json; else extra["config"] if the trainer stored a run config there."""
+  path = step_dir.parent.parent / CONFIG_FILE
   config, where = extra.get("config"), f"{step_dir}/{_EXTRA}: config"
-  if config is None:
-    path = step_dir.parent.parent / CONFIG_FILE
-    if not path.is_file():
-      raise ValueError(f"{step_dir}: no run config: expected {path} (written by train.py) or "
-                       "extra['config'] in the checkpoint")
+  if path.is_file():
     config, where = path.read_text(), str(path)
+  elif config is None:
+    raise ValueError(f"{step_dir}: no run config: expected {path} (written by train.py) or "
+                     "extra['config'] in the checkpoint")
   if isinstance(config, str):
     try:
       config = json.loads(config)

@@ -250,6 +250,12 @@ def test_load_workdir_errors(tmp_path):
     mgr.save(3, {"params": params})
   with pytest.raises(ValueError, match="no run config"):
     checkpoints.load(tmp_path)
+  # Without config.json, a run config that the trainer stored in `extra` is used.
+  with run_state.RunState(tmp_path) as mgr:
+    mgr.save(4, {"params": params}, extra={"config": json.dumps({"model": TINY})})
+  _, loaded = checkpoints.load(tmp_path)
+  assert_trees_bit_equal(loaded, params)
+  # config.json, when there, is the run config.
   (tmp_path / "config.json").write_text(json.dumps({"model": {"img": {"widht": 3}}}))
   with pytest.raises(ValueError, match="unknown key"):
     checkpoints.load(tmp_path)
