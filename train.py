@@ -86,60 +86,59 @@ def main(argv):
 
   # ---------------------------------------------------- state: restore/init
   run_state = train_lib.make_run_state(config, workdir)
-  if primary:
-    train_lib.write_run_config(workdir, config, model_config, lora)
+  train_lib.write_run_config(workdir, config, model_config, lora)
   rng = jax.random.PRNGKey(config.seed)
   step, data_state = 0, None
-  if (latest := run_state.latest_step()) is not None:
-    state, extra = train_lib.restore(run_state, latest, abstract_state, state_shardings)
-    step, data_state, rng = latest, extra["data_state"], train_lib.rng_from(extra["rng"])
+  if run_state.latest_step() is not None:
+    restored = train_lib.restore(run_state, abstract_state, state_shardings)
+    state, step, data_state = restored.state, restored.step, restored.data_state
+    rng = jax.numpy.asarray(restored.extra["rng"], jax.numpy.uint32)
     logging.info("resumed from step %d in %s", step, workdir)
   else:
-    state = train_lib.initial_state(config, model, model_config, tx, lora, abstract_state,
-                                    state_shardings, rng)
+    state = train_lib.initial_state(config, model, model_config, tx, lora, state_shardings, rng)
 
   # ------------------------------------------------------------------- data
   encode_masks = train_lib.mask_encoder(config)
   train_iter = train_lib.make_train_iterator(config, tokenizer, data_sharding, encode_masks)
   if data_state is not None:
     train_iter.set_state(data_state)
-  total_steps = train_lib.total_steps(config, train_iter)
+  total_steps = config.total_steps
 
   # ------------------------------------------------------------ evaluators
   evals = train_lib.make_eval_runner(config, tokenizer, model_config, mesh, workdir,
                                      encode_masks)
 
   # ------------------------------------------------------------------- loop
-  logger = train_lib.make_logger(config, workdir, total_steps)
-  flops = train_lib.step_flops(train_step, state, train_iter, model_config, config)
-  meter = train_lib.Meter(flops=flops, num_devices=mesh.size,
-                          tokens_per_example=config.input.get("text_len", None))
-  last_metrics = None
+  logger = train_lib.make_logger(workdir, total_steps)
+  meter = train_lib.Meter(config, model_config, total_steps, step, num_devices=mesh.size)
+  prev_metrics = None
   while step < total_steps:
     rng, step_rng = jax.random.split(rng)
-    batch = next(train_iter)
+    with meter.waiting():
+      batch = next(train_iter)
     state, metrics = train_step(state, batch, step_rng)
     step += 1
-    # Checked one step late so that the host never waits for the device each step.
-    train_lib.check_finite(last_metrics, step - 1, run_state)
-    last_metrics = metrics
-    meter.step(batch)
-    if step % config.log_steps == 0 or step == total_steps or step == 1:
+    # Checked one step late, so that the host does not wait for the device every step.
+    train_lib.check_finite(prev_metrics, step - 1, run_state)
+    prev_metrics = metrics
+    meter.count(metrics)
+    if step % config.log_steps == 0 or step == total_steps or meter.first_step(step):
       train_lib.check_finite(metrics, step, run_state)
-      logger.log(step, meter.summary(jax.device_get(metrics), train_iter.stats()))
+      logger.log(step, meter.summary(step, metrics, train_iter.stats()))
     if evals is not None and (names := evals.due(step, total_steps)):
-      results = evals.run(train_lib.eval_params(state, lora), step=step, names=names)
-      logger.log(step, results)
-      train_lib.write_eval_outputs(evals, workdir, step, logger, names)
-      meter.pause()
+      with meter.paused():
+        logger.log(step, evals.run(train_lib.eval_params(state, lora), step=step, names=names))
+        train_lib.write_eval_outputs(evals, workdir, step, logger, names)
     if step % config.ckpt_steps == 0 or step == total_steps:
-      train_lib.check_finite(metrics, step, run_state)
-      train_lib.save(run_state, step, state, rng, train_iter.get_state())
-      meter.pause()
+      with meter.paused():
+        train_lib.check_finite(metrics, step, run_state)
+        train_lib.save(run_state, step, state, rng, train_iter.get_state())
 
-  run_state.wait()
+  run_state.close()  # Waits for the last asynchronous save.
   train_iter.close()
-  if primary and evals is not None:
+  if evals is not None and config.final_baseline:
+    logger.log(step, train_lib.blank_image_baseline(evals, train_lib.eval_params(state, lora)))
+  if evals is not None:
     train_lib.write_final_metrics(workdir, evals)
   logger.close()
   logging.info("done: %d steps in %s", total_steps, workdir)

@@ -48,14 +48,9 @@ def check_config(config) -> None:
 
 
 def make_tokenizer(config, workdir: str):
-  from big_vision_lite import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-  if config.tokenizer == "demo":
-    from big_vision_lite.data import demo  # pylint: disable=g-import-not-at-top
-    return demo.demo_tokenizer(workdir)
-  if not os.path.isfile(config.tokenizer):
-    raise FileNotFoundError(f"config.tokenizer={config.tokenizer!r}: no such SentencePiece "
-                            "model file (or 'demo' for the demo tokenizer)")
-  return tok_lib.Tokenizer(config.tokenizer)
+  """config.tokenizer: a SentencePiece model path, or "demo" (trained once into the workdir)."""
+  from big_vision_lite.eval_runner import load_tokenizer  # pylint: disable=g-import-not-at-top
+  return load_tokenizer(config.tokenizer, workdir)
 
 
 def model_config(config, tokenizer) -> dict:
@@ -136,42 +131,36 @@ def make_run_state(config, workdir):
 
 def write_run_config(workdir, config, model_config, lora) -> None:
   """workdir/config.json: what `big_vision_lite.load(workdir)` needs to rebuild the model."""
-  payload = {"model": model_config, "lora": lora, "tokenizer": config.tokenizer,
-             "vqvae": config.vqvae, "config": json.loads(config.to_json_best_effort())}
-  tmp = os.path.join(workdir, "config.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=1, default=str)
-  os.replace(tmp, os.path.join(workdir, "config.json"))
+  from big_vision_lite import run_state  # pylint: disable=g-import-not-at-top
+  run_state.write_config(workdir, {
+      "model": model_config, "lora": lora, "tokenizer": config.tokenizer,
+      "vqvae": config.vqvae, "config": json.loads(config.to_json_best_effort())})
 
 
-def restore(run_state, step, abstract_state, shardings):
-  targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         abstract_state, shardings)
-  return run_state.restore(step, targets)
+def restore(run_state, abstract_state, shardings):
+  from big_vision_lite.run_state import abstract_tree  # pylint: disable=g-import-not-at-top
+  return run_state.restore(target=abstract_tree(abstract_state, shardings))
 
 
 def save(run_state, step, state, rng, data_state: bytes) -> None:
-  run_state.save(step, state, {"data_state": data_state,
-                               "rng": np.asarray(jax.random.key_data(rng)).tolist()})
+  run_state.save(step, state, extra={"rng": np.asarray(jax.device_get(rng))},
+                 data_state=data_state)
 
 
-def rng_from(saved) -> jax.Array:
-  return jnp.asarray(saved, jnp.uint32)
-
-
-def initial_state(config, model, model_config, tx, lora, abstract_state, shardings, rng):
+def initial_state(config, model, model_config, tx, lora, shardings, rng):
   """Random init (or init from config.model_init), created directly in its shardings."""
   params_rng, lora_rng = jax.random.split(jax.random.fold_in(rng, 1))
   inputs = _dummy_inputs(model_config)
-  init_params = lambda r: model.init(r, *inputs)["params"]
-  params = jax.jit(init_params, out_shardings=shardings["params"])(params_rng)
+  init_fn = jax.jit(lambda r: model.init(r, *inputs)["params"],
+                    out_shardings=shardings["params"])
   if config.model_init:
     from big_vision_lite import model_init  # pylint: disable=g-import-not-at-top
-    load_cfg = config.model_load.to_dict() if hasattr(config.model_load, "to_dict") else dict(
-        config.model_load)
-    params, report = model_init.init_params(model_config, params, model_init=config.model_init,
-                                            load=load_cfg, shardings=shardings["params"])
+    params, report = model_init.init_params(
+        model_config, init_fn, rng=params_rng, model_init=config.model_init,
+        load=config.model_load.to_dict(), shardings=shardings["params"])
     logging.info("model_init %s:\n%s", config.model_init, report)
+  else:
+    params = init_fn(params_rng)
   return jax.jit(lambda p, r: ts.init_state(p, tx, lora=lora, rng=r),
                  out_shardings=shardings, donate_argnums=(0,))(params, lora_rng)
 
@@ -221,34 +210,21 @@ class MaskEncoder:
     return np.asarray(vqvae.encode(self._params, masks))
 
 
-def vqvae_path(config) -> str | None:
-  if config.vqvae == "demo":
-    from big_vision_lite.data import demo  # pylint: disable=g-import-not-at-top
-    return demo.DEMO_VQVAE
-  return config.vqvae or None
-
-
 def mask_encoder(config) -> MaskEncoder | None:
   """Masks -> <seg> codes for segmentation targets (None when the config has no VQ-VAE)."""
-  path = vqvae_path(config)
-  if path is None:
-    return None
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config.vqvae={config.vqvae!r}: no VQ-VAE file at {path}")
-  return MaskEncoder(path)
+  from big_vision_lite.eval_runner import vqvae_path  # pylint: disable=g-import-not-at-top
+  path = vqvae_path(config.vqvae)
+  return None if path is None else MaskEncoder(path)
 
 
 def make_train_iterator(config, tokenizer, data_sharding, encode_masks):
   from big_vision_lite.data import pipeline  # pylint: disable=g-import-not-at-top
   input_cfg = config.input.to_dict()
   input_cfg.pop("text_len", None)  # Read by the config's pp helpers, not by the pipeline.
+  if input_cfg.get("pp") is None and "name" not in input_cfg["data"]:
+    input_cfg.pop("pp")  # A mixture: each component has its own pp.
   return pipeline.make_train_iterator(input_cfg, tokenizer=tokenizer, seed=config.seed,
                                       data_sharding=data_sharding, encode_masks=encode_masks)
-
-
-def total_steps(config, train_iter) -> int:
-  del train_iter  # total_epochs is rejected in make_optimizer until schedules can use it.
-  return int(config.total_steps)
 
 
 # ------------------------------------------------------------ evaluation
@@ -263,16 +239,22 @@ def make_eval_runner(config, tokenizer, model_config, mesh, workdir, encode_mask
 
 
 def write_eval_outputs(evals, workdir, step, logger, names) -> None:
+  """Predictions (jsonl) under workdir/eval/step_<step>/ and a few drawn into TensorBoard."""
   if jax.process_index() != 0:
     return
-  out = os.path.join(workdir, "eval", f"step_{step}")
-  evals.write_predictions(out, names=names)
-  if config_images := evals.rendered(names=names):
-    for name, images in config_images.items():
-      logger.log_images(step, name, images)
+  evals.write_predictions(os.path.join(workdir, "eval", f"step_{step}"), names=names)
+  for name, images in evals.rendered(names=names).items():
+    logger.log_images(step, f"predictions/{name}", images)
+
+
+def blank_image_baseline(evals, params) -> dict:
+  """The same evaluators on blank images: what the model scores without looking."""
+  return evals.run(params, names=None, blank_images=True)
 
 
 def write_final_metrics(workdir, evals) -> None:
+  if jax.process_index() != 0:
+    return
   with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
     json.dump(evals.final_metrics(), f, indent=1, sort_keys=True)
 
@@ -280,54 +262,48 @@ def write_final_metrics(workdir, evals) -> None:
 # --------------------------------------------------------------- logging
 
 
-def make_logger(config, workdir, total_steps):
+def make_logger(workdir, total_steps):
   from big_vision_lite.metrics_log import MetricsLogger  # pylint: disable=g-import-not-at-top
-  return MetricsLogger(workdir, total_steps=total_steps,
-                       is_primary=jax.process_index() == 0)
-
-
-def step_flops(compiled_step, state, train_iter, model_config, config) -> float | None:
-  """Model FLOPs of one train step (analytic count; XLA's when that is unavailable)."""
-  from big_vision_lite import flops  # pylint: disable=g-import-not-at-top
-  del compiled_step, state, train_iter
-  size = paligemma.resolve_config(model_config)["img"]["image_size"]
-  return flops.paligemma_train_flops(model_config, config.input.batch_size,
-                                     config.input.text_len, size)
+  return MetricsLogger(workdir, total_steps=total_steps)
 
 
 class Meter:
-  """Throughput, MFU and the input-wait fraction over each logging interval."""
+  """Throughput, MFU, input wait and ETA over each logging interval (metrics_log.Throughput).
 
-  def __init__(self, *, flops: float | None, num_devices: int, tokens_per_example=None):
-    from big_vision_lite import flops as flops_lib  # pylint: disable=g-import-not-at-top
-    self._flops, self._devices = flops, num_devices
-    self._peak = flops_lib.device_peak_flops()
-    self._t0, self._steps, self._examples, self._tokens = time.perf_counter(), 0, 0, 0
-    self._wait0 = 0.0
+  The first step (compilation) is left out of every rate.
+  """
 
-  def step(self, batch) -> None:
-    self._steps += 1
-    self._examples += batch["text"].shape[0]
-    self._tokens += batch["text"].shape[0] * batch["text"].shape[1]
+  def __init__(self, config, model_config, total_steps: int, start_step: int, *,
+               num_devices: int):
+    from big_vision_lite import flops  # pylint: disable=g-import-not-at-top
+    from big_vision_lite.metrics_log import Throughput  # pylint: disable=g-import-not-at-top
+    resolved = paligemma.resolve_config(model_config)
+    self._flops = flops.paligemma_train_flops(model_config, config.input.batch_size,
+                                              config.input.text_len,
+                                              resolved["img"]["image_size"])
+    self._peak = flops.device_peak_flops(dtype=resolved["llm"]["dtype"]) * num_devices
+    self._batch = config.input.batch_size
+    self._throughput = Throughput(total_steps, start_step=start_step)
+    self._start, self._last, self._tokens = start_step, start_step, 0
+    self.waiting, self.paused = self._throughput.waiting, self._throughput.paused
 
-  def pause(self) -> None:
-    """Evaluation and checkpointing are not training time: restart the interval."""
-    self._t0, self._steps, self._examples, self._tokens = time.perf_counter(), 0, 0, 0
+  def first_step(self, step: int) -> bool:
+    return step == self._start + 1
 
-  def summary(self, metrics: Mapping, input_stats: Mapping) -> dict:
-    now = time.perf_counter()
-    dt = max(now - self._t0, 1e-9)
-    out = {k: float(np.asarray(v)) for k, v in metrics.items()}
-    if self._steps:
-      out["examples_per_s"] = self._examples / dt
-      out["tokens_per_s"] = self._tokens / dt
-      out["step_time_s"] = dt / self._steps
-      if self._flops and self._peak:
-        out["mfu"] = self._flops * self._steps / dt / (self._peak * self._devices)
-    wait = input_stats.get("wait_s", 0.0)
-    out["input_wait_frac"] = min(1.0, (wait - self._wait0) / dt)
-    self._wait0 = wait
+  def count(self, metrics) -> None:
+    self._tokens = self._tokens + metrics["tokens"]  # Stays on the device until logged.
+
+  def summary(self, step: int, metrics, input_stats: Mapping) -> dict:
+    out = {k: v for k, v in jax.device_get(metrics).items() if k != "tokens"}
+    out = {k: float(v) for k, v in out.items()}
+    tokens = float(jax.device_get(self._tokens))
+    if self.first_step(step):  # Compilation: restart the clock after it.
+      self._throughput.reset(step)
+    else:
+      rates = self._throughput.update(step, (step - self._last) * self._batch, tokens)
+      out.update(rates)
+      out["mfu"] = self._flops / rates["step_time_s"] / self._peak
     out["skipped_examples"] = input_stats.get("skipped", 0)
     out["truncated_examples"] = input_stats.get("truncated", 0)
-    self._t0, self._steps, self._examples, self._tokens = now, 0, 0, 0
+    self._last, self._tokens = step, 0
     return out

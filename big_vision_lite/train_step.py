@@ -66,7 +66,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, label_smoothing:
     new_state = {**state, key: optax.apply_updates(state[key], updates), "opt": opt}
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                "update_norm": optax.global_norm(updates),
-               "loss_tokens": jnp.sum(batch["mask_loss"][:, 1:])}
+               "tokens": jnp.sum(batch["mask_input"])}
     if lr_fn is not None:
       metrics["lr"] = lr_fn(optim.optimizer_step(state["opt"]))
     return new_state, metrics
