@@ -166,6 +166,9 @@ class _Progress:
   def __call__(self, name: str, done: int, total: int | None) -> None:
     if not self.enabled:
       return
+    if done == 0:  # Called before the first batch: the clock starts.
+      self._t0[name], self._last[name] = time.time(), 0
+      return
     t0 = self._t0.setdefault(name, time.time())
     step = max(1, (total or 10) // 10)
     last = self._last.get(name, 0)

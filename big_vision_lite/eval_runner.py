@@ -101,10 +101,7 @@ def vqvae_path(spec: str | None) -> str | None:
     return None
   if spec == "demo":
     from big_vision_lite.data import demo  # pylint: disable=g-import-not-at-top
-    path = getattr(demo, "DEMO_VQVAE", None)
-    if path is None:
-      raise ValueError("config.vqvae='demo' but big_vision_lite.data.demo has no DEMO_VQVAE")
-    spec = path
+    spec = demo.DEMO_VQVAE
   if not os.path.isfile(spec):
     raise FileNotFoundError(f"config.vqvae={spec!r}: no such VQ-VAE .npz file")
   return spec
@@ -340,7 +337,7 @@ class EvalRunner:
       step: the training step, kept in `steps`.
       names: which evals (keys of config.evals).
       progress: called as progress(name, examples done on this process, this process's
-        total or None) after each batch.
+        total or None) before the first batch (done 0) and after each batch.
       blank_images: the "no image" baseline: every image is replaced by zeros (mid-gray);
         metrics are keyed "baseline/<name>/<metric>" and predictions are not kept.
     Returns:
@@ -372,6 +369,8 @@ class EvalRunner:
           return result
         return call
 
+      if progress is not None:
+        progress(name, 0, total)
       if spec.decodes:
         predict_fn = self._predict_fn(spec, params)
         metrics = ev.run(wrap(predict_fn))

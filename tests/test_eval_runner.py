@@ -130,7 +130,7 @@ def test_predictions_equal_direct_decoding_and_metrics_match(env):
   runner = eval_runner.EvalRunner(cfg, tokenizer=tok, model_config=model)
   seen = []
   metrics = runner.run(params, step=7, progress=lambda *a: seen.append(a))
-  assert seen == [("cap", 4, 5), ("cap", 5, 5)]
+  assert seen == [("cap", 0, 5), ("cap", 4, 5), ("cap", 5, 5)]
   assert set(metrics) == {"cap/cider", "cap/bleu-4", "cap/rouge-l"}
   recs = runner.predictions["cap"]
   assert [r["id"] for r in recs] == [0, 1, 2, 3, 4]
