@@ -119,8 +119,8 @@ def _is_number(v) -> bool:
 
 
 def read_history(workdir: str) -> dict[int, dict[str, float]]:
-  """metrics.jsonl -> {step: {metric: value}}; a step logged again after a resume replaces
-  the interrupted attempt's values (only the surviving trajectory counts)."""
+  """metrics.jsonl -> {step: {metric: value}}; values logged again for a step (a resumed run
+  redoes the steps after its last checkpoint) replace the interrupted attempt's ones."""
   path = os.path.join(workdir, "metrics.jsonl")
   history: dict[int, dict[str, float]] = {}
   if not os.path.isfile(path):
@@ -148,6 +148,8 @@ def read_final(workdir: str) -> dict[str, float]:
       data = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(data, dict):
+    raise ValueError(f"{path}: expected an object {{metric: value}}, got {type(data).__name__}")
   return {k: float(v) for k, v in data.items() if _is_number(v)}
 
 

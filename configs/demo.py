@@ -83,4 +83,4 @@ def sweep(add, arg=None):
 def metrics(arg=None):
   """The sweep report's columns; the first one ranks the runs."""
   del arg
-  return ["caption/cider", "vqa/accuracy", "detection/map", "segmentation/miou", "loss"]
+  return ["caption/cider", "vqa/vqa_accuracy", "detection/map", "segmentation/miou", "loss"]
