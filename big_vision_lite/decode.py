@@ -64,7 +64,8 @@ class DecodeOutput:
   logp:     float32[B,M] log-probability of each token (0 after EOS).
   lengths:  int32[B] number of tokens before EOS (= M when none was produced).
   finished: bool[B] whether EOS was produced.
-  scores:   float32[B] sum of logp over the tokens up to and including EOS.
+  scores:   float32[B] sum of logp over the tokens up to and including EOS (beam search
+            ranks by the length-penalised score; this is the plain sum).
   steps:    decoding steps the loop ran (< M when every row stopped early).
   """
   tokens: np.ndarray
@@ -82,6 +83,8 @@ class DecodeOutput:
 def parse_sampler(sampler: str) -> tuple[str, dict[str, float]]:
   """"greedy" | "sample" | "beam" | big_vision's "temperature(t)" / "nucleus(p)" ->
   (kind, settings implied by the string)."""
+  if not isinstance(sampler, str):
+    raise TypeError(f"sampler must be a str such as 'greedy', got {sampler!r}")
   if sampler in _SAMPLERS:
     return sampler, {}
   m = re.fullmatch(r"\s*(temperature|nucleus)\(\s*(?:[tp]\s*=\s*)?([0-9.eE+-]+)\s*\)\s*", sampler)
@@ -89,7 +92,10 @@ def parse_sampler(sampler: str) -> tuple[str, dict[str, float]]:
     raise ValueError(f"sampler={sampler!r}: expected one of {_SAMPLERS}, 'temperature(t)' or "
                      "'nucleus(p)'")
   key = "temperature" if m.group(1) == "temperature" else "top_p"
-  return "sample", {key: float(m.group(2))}
+  try:
+    return "sample", {key: float(m.group(2))}
+  except ValueError:
+    raise ValueError(f"sampler={sampler!r}: {m.group(2)!r} is not a number") from None
 
 
 def _freeze(x: Any) -> Any:
@@ -323,6 +329,8 @@ class Decoder:
       A DecodeOutput for the B rows.
     """
     token_mask = self._token_mask(allowed_tokens, forbidden_tokens)
+    if not isinstance(length_penalty, (int, float)):
+      raise ValueError(f"length_penalty={length_penalty!r}: expected a number (alpha)")
     st, temperature, top_p = self._static(max_decode_len, sampler, beam_size, temperature,
                                           top_k, top_p, token_mask, logits_fn, eos_id, rng)
     images = np.asarray(images, np.float32)

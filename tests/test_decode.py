@@ -442,6 +442,8 @@ def test_sampler_strings():
   assert decode.parse_sampler("temperature(t=0.5)") == ("sample", {"temperature": 0.5})
   with pytest.raises(ValueError, match="sampler='topk'"):
     decode.parse_sampler("topk")
+  with pytest.raises(ValueError, match="'1.2.3' is not a number"):
+    decode.parse_sampler("nucleus(1.2.3)")
 
 
 @pytest.mark.parametrize("change,match", [
@@ -459,6 +461,8 @@ def test_sampler_strings():
     (dict(forbidden_tokens=[12]), r"forbidden_tokens: ids must be in \[0, 12\)"),
     (dict(forbidden_tokens=list(range(12))), "leave no token"),
     (dict(logits_fn="argmax"), "logits_fn must be callable"),
+    (dict(length_penalty="gnmt"), "length_penalty='gnmt'"),
+    (dict(sampler="nucleus(0.9)", top_p=0.5, rng=jax.random.key(0)), "sets top_p=0.9 but"),
 ])
 def test_bad_arguments_raise_clear_errors(change, match):
   args = dict(images=np.zeros((3, 28, 28, 3), np.float32), prompts=TINY_PROMPTS, max_decode_len=3)
