@@ -34,6 +34,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   if FLAGS.dry_run and FLAGS.dry_run_devices:  # Before jax starts its backends.
+    # Fake CPU devices stand in for the chips (also on an accelerator host).
+    os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={FLAGS.dry_run_devices}")
   # pylint: disable=g-import-not-at-top  (XLA_FLAGS must be set before jax initialises)

@@ -13,6 +13,7 @@ the optimizer then updates the adapters only and the base params stay frozen.
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -52,8 +53,27 @@ def make_train_step(model, tx: optax.GradientTransformation, *, label_smoothing:
                     reduction: str = "per_example", grad_accum_steps: int = 1,
                     lora: Mapping | None = None, micro_batch_sharding=None,
                     lr_fn: Callable | None = None) -> Callable:
-  """Returns step(state, batch, rng) -> (state, metrics); jit it with shardings."""
+  """Returns step(state, batch, rng) -> (state, metrics); jit it with shardings.
 
+  With `micro_batch_sharding` (a NamedSharding of the batch), the model's activations are
+  constrained to the same batch split (the "act_batch" logical axis).
+  """
+  if micro_batch_sharding is None:
+    return _step_fn(model, tx, label_smoothing, reduction, grad_accum_steps, lora, None, lr_fn)
+  inner = _step_fn(model, tx, label_smoothing, reduction, grad_accum_steps, lora,
+                   micro_batch_sharding, lr_fn)
+  rules = [("act_batch", micro_batch_sharding.spec[0])]
+  mesh = micro_batch_sharding.mesh
+  abstract_mesh = getattr(mesh, "abstract_mesh", mesh)
+
+  def step(state, batch, rng):
+    with jax.sharding.use_abstract_mesh(abstract_mesh), nn.logical_axis_rules(rules):
+      return inner(state, batch, rng)
+  return step
+
+
+def _step_fn(model, tx, label_smoothing, reduction, grad_accum_steps, lora, micro_batch_sharding,
+             lr_fn):
   def step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array):
     batch = {k: batch[k] for k in BATCH_KEYS}
     batch["rng"] = jax.random.split(rng, batch["text"].shape[0])

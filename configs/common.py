@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model_init = None        # Path (npz / HF folder / workdir) or vanity name (pt_224, ...).
   c.model_load = ml_collections.ConfigDict(dict(only=None, skip=[], resample_posemb=True))
 
-  c.mesh = [("data", -1)]
+  c.mesh = (("data", -1),)  # A tuple, so that --config.mesh='(("fsdp", -1),)' works.
   c.sharding_rules = "fsdp"  # "fsdp" | "fsdp_tensor" | "replicate" | [(regex, rule), ...]
 
   c.optax_name = "adam"

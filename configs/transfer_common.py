@@ -109,7 +109,7 @@ def base_config(a: ml_collections.ConfigDict, *, task: str, llm_dropout: float =
   c.model_init = vanity_name(a.variant, a.res)
   c.tokenizer = checkpoint_file("paligemma_tokenizer.model")
   # FSDP over one data axis, as big_vision's transfers ('.*' -> fsdp(axis="data")).
-  c.mesh = [("data", -1)]
+  c.mesh = (("data", -1),)
   c.sharding_rules = "fsdp"
   c.optax_name = "scale_by_adam"
   c.schedule = dict(decay_type="cosine", warmup_percent=0.05)

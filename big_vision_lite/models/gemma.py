@@ -96,6 +96,16 @@ def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float = 10_00
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def constrain(x: jax.Array) -> jax.Array:
+  """Names the activation axes [batch, length, ...] for sharding.
+
+  A no-op unless the caller sets `nn.logical_axis_rules` (and a mesh): the trainer maps
+  "act_batch" to the data axes, so that with FSDP-sharded weights XLA still splits the
+  activations over the batch instead of replicating them.
+  """
+  return nn.with_logical_constraint(x, ("act_batch", "act_len") + (None,) * (x.ndim - 2))
+
+
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if not cap else jnp.tanh(x / cap) * cap
 
@@ -200,6 +210,7 @@ class Block(nn.Module):
     """One layer. `masks` = (global bool[B,T,S], local or None); `is_local` picks one."""
     norm = lambda name: RMSNorm(self.norm_eps, self.param_dtype, name=name)
     drop = nn.Dropout(self.dropout, self.dropout_bdims)
+    x = constrain(x)
     global_mask, local_mask = masks
     mask = global_mask if local_mask is None else jnp.where(is_local, local_mask, global_mask)
     y, kv_cache = Attention(
@@ -217,7 +228,7 @@ class Block(nn.Module):
     y = y @ linear
     if self.post_norms:
       y = norm("post_ffw_norm")(y)
-    return x + drop(y, deterministic), kv_cache
+    return constrain(x + drop(y, deterministic)), kv_cache
 
 
 class MlpParams(nn.Module):
@@ -336,6 +347,8 @@ class Gemma(nn.Module):
     table = self.embedder.table().astype(self.dtype)
     logits = jnp.einsum("...D,VD->...V", pre_logits.astype(self.dtype), table,
                         preferred_element_type=jnp.float32)
+    if logits.ndim == 3:
+      logits = constrain(logits)
     return softcap(logits, self.final_logits_softcap)
 
   def _local_mask(self, mask, q_pos, k_pos, same_block=None):

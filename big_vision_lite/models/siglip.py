@@ -66,6 +66,11 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+def constrain(x: jax.Array) -> jax.Array:
+  """Names activation axes [batch, tokens, width] (see gemma.constrain; no-op without rules)."""
+  return nn.with_logical_constraint(x, ("act_batch", "act_len", None))
+
+
 def remat_policy(name: str):
   """`"nothing_saveable"` -> jax.checkpoint_policies.nothing_saveable; "none" -> None (no remat)."""
   if name in (None, "none"):
@@ -124,12 +129,13 @@ class Encoder1DBlock(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic):
     norm = lambda name: nn.LayerNorm(1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    x = constrain(x)
     y = Attention(self.num_heads, self.dtype, self.param_dtype,
                   name="MultiHeadDotProductAttention_0")(norm("LayerNorm_0")(x))
     x = x + nn.Dropout(self.dropout)(y, deterministic)
     y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype,
                  name="MlpBlock_0")(norm("LayerNorm_1")(x), deterministic)
-    return x + nn.Dropout(self.dropout)(y, deterministic), None
+    return constrain(x + nn.Dropout(self.dropout)(y, deterministic)), None
 
 
 class Encoder(nn.Module):
