@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from big_vision_lite import optim
+from big_vision_lite.models.siglip import remat_policy
 
 
 def _params(seed=0):
@@ -311,38 +312,23 @@ def test_grad_accumulation_equals_big_batch(reduction):
     optim.accumulate_gradients(loss_fn, params, batch, 3)
 
 
-# ---------------------------------------------------------------- train-step helpers
-
-
-def test_cast_floating_keeps_master_grads_f32():
-  params = {"w": jnp.full((2, 2), 1.0 / 3.0), "step": jnp.array(3, jnp.int32)}
-  cast = optim.cast_floating(params, "bfloat16")
-  assert cast["w"].dtype == jnp.bfloat16 and cast["step"].dtype == jnp.int32
-  assert optim.cast_floating(params, None) is params
-  grads = jax.grad(lambda p: jnp.sum(optim.cast_floating(p, jnp.bfloat16)["w"] ** 2)
-                   .astype(jnp.float32))({"w": params["w"]})
-  assert grads["w"].dtype == jnp.float32
-  # d/dw sum(w_bf16^2) = 2 * bf16(1/3) = 2 * 0.333984375.
-  np.testing.assert_allclose(grads["w"], np.full((2, 2), 2 * 0.333984375), rtol=1e-3)
-
-
 def test_remat_policy_names(capsys):
   cp = jax.checkpoint_policies
-  assert optim.remat_policy("none") is None
-  assert optim.remat_policy("full") is cp.nothing_saveable
-  assert optim.remat_policy("dots_saveable") is cp.dots_saveable
-  assert optim.remat_policy("nothing_saveable") is cp.nothing_saveable
+  assert remat_policy("none") is None
+  assert remat_policy("full") is cp.nothing_saveable
+  assert remat_policy("dots_saveable") is cp.dots_saveable
+  assert remat_policy("nothing_saveable") is cp.nothing_saveable
   def f(x):
     h = checkpoint_name(jnp.sin(x), "h")
     return jnp.sum(jnp.cos(h))
 
   x = jnp.arange(3.0)
   for name, saves_h in (("save_only_these_names:h", True), ("full", False)):
-    print_saved_residuals(jax.checkpoint(f, policy=optim.remat_policy(name)), x)
+    print_saved_residuals(jax.checkpoint(f, policy=remat_policy(name)), x)
     assert ("named 'h'" in capsys.readouterr().out) == saves_h, name
-    g = jax.grad(jax.checkpoint(f, policy=optim.remat_policy(name)))(x)
+    g = jax.grad(jax.checkpoint(f, policy=remat_policy(name)))(x)
     np.testing.assert_allclose(g, -np.sin(np.sin(np.arange(3.0))) * np.cos(np.arange(3.0)),
                                rtol=1e-6)
   for bad in ("dots", "save_from_both_policies", "dots_saveable:x"):
     with pytest.raises(ValueError, match="remat_policy .* is unknown"):
-      optim.remat_policy(bad)
+      remat_policy(bad)

@@ -4,7 +4,7 @@ Parameter names and layouts are big_vision's (`models/vit.py`), so its checkpoin
 unchanged. Axis legend:
   B batch, N patches (tokens), D width, M mlp dim, nh heads, hd head dim, P patch size.
 """
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -71,13 +71,31 @@ def constrain(x: jax.Array) -> jax.Array:
   return nn.with_logical_constraint(x, ("act_batch", "act_len", None))
 
 
-def remat_policy(name: str):
-  """`"nothing_saveable"` -> jax.checkpoint_policies.nothing_saveable; "none" -> None (no remat)."""
-  if name in (None, "none"):
+_REMAT_FACTORIES = ("save_only_these_names", "save_any_names_but_these",
+                    "save_anything_except_these_names")
+
+
+def remat_policy(name: str) -> Callable | None:
+  """Resolves a model config's `remat_policy` string.
+
+  "none" -> None: do not wrap the block in remat at all. "full" -> save nothing
+  (recompute everything). Any policy of `jax.checkpoint_policies` by name
+  ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", ...);
+  "save_only_these_names:a,b" (and the other name-list policies) with names
+  given to `checkpoint_name`. Pass the result as nn.remat(..., policy=...).
+  """
+  if name == "none":
     return None
-  policy = getattr(jax.checkpoint_policies, name, None)
-  if policy is None:
-    raise ValueError(f"remat_policy={name!r} is not in jax.checkpoint_policies")
+  if name == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  base, _, args = name.partition(":")
+  if base in _REMAT_FACTORIES:
+    return getattr(jax.checkpoint_policies, base)(*[a for a in args.split(",") if a])
+  policy = getattr(jax.checkpoint_policies, base, None)
+  valid = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
+  if args or policy is None or base.startswith("save_") or base.startswith("offload"):
+    raise ValueError(f"remat_policy {name!r} is unknown; use 'none', 'full', one of {valid}, "
+                     f"or '<{'|'.join(_REMAT_FACTORIES)}>:name1,name2'")
   return policy
 
 
