@@ -35,7 +35,8 @@ def batches(n=3, b=8, t=12):
            "mask_input": (pos < t - rng.randint(0, 3, (b, 1))).astype(np.int32)}
 
 
-def train(mesh_axes, rules, grad_accum=1, devices=None):
+def train(mesh_axes, rules, grad_accum=1, devices=None, global_batches=False):
+  """3 steps; global_batches: this process feeds only its rows (multi-process runs)."""
   model = paligemma.Model(**MODEL)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)),
                       jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), jnp.int32))["params"]
@@ -50,8 +51,17 @@ def train(mesh_axes, rules, grad_accum=1, devices=None):
                  in_shardings=(shardings, data, None), out_shardings=(shardings, None))
   losses = []
   for i, batch in enumerate(batches()):
-    state, metrics = step(state, jax.device_put(batch, data), jax.random.PRNGKey(i))
+    if global_batches:
+      rows = len(batch["text"]) // jax.process_count()
+      mine = {k: v[jax.process_index() * rows:][:rows] for k, v in batch.items()}
+      batch = sharding.make_global_batch(mine, mesh, data)
+    else:
+      batch = jax.device_put(batch, data)
+    state, metrics = step(state, batch, jax.random.PRNGKey(i))
     losses.append(float(metrics["loss"]))
+  if global_batches:  # Params are sharded across processes: gather them on every process.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return losses, multihost_utils.process_allgather(state["params"], tiled=True)
   return losses, jax.device_get(state["params"])
 
 
@@ -79,3 +89,52 @@ def test_gradient_accumulation_equals_one_batch(single_device):
   ref_losses, ref_params = single_device
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, ref_params)
+
+
+_WORKER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from big_vision_lite import sharding
+assert sharding.maybe_initialize_distributed()
+import jax, numpy as np
+sys.path.insert(0, sys.argv[1] + "/tests")
+import test_train_step as t
+losses, params = t.train([("fsdp", -1)], sharding.FSDP_RULES, global_batches=True)
+flat = [float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(params)]
+print("RESULT " + json.dumps({"pid": jax.process_index(), "losses": losses, "sums": flat}))
+jax.distributed.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+  """2 processes x 2 fake devices, each feeding its half of the batch == one process."""
+  import json, os, socket, subprocess, sys, pathlib  # pylint: disable=g-import-not-at-top
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  script = tmp_path / "worker.py"
+  script.write_text(_WORKER)
+  procs = []
+  for pid in range(2):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "BVL_", "XLA_"))}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               BVL_COORDINATOR=f"127.0.0.1:{port}", BVL_NUM_PROCESSES="2",
+               BVL_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen([sys.executable, str(script), str(repo)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=600)
+    finally:
+      if p.poll() is None:
+        p.kill()
+    assert p.returncode == 0, out[-3000:]
+    outs.append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0]))
+  losses, params = train([("fsdp", 4)], sharding.FSDP_RULES, devices=jax.devices()[:4])
+  sums = [float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(params)]
+  for o in outs:
+    np.testing.assert_allclose(o["losses"], losses, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(o["sums"], sums, rtol=1e-4, atol=1e-4)
