@@ -24,6 +24,7 @@ from big_vision_lite import sweep as sweep_lib
 from big_vision_lite.data import demo, pipeline
 from big_vision_lite.data.pp_parse import PPContext, Preprocess, Runtime
 from big_vision_lite.evaluators import base as ev_base
+from big_vision_lite.evaluators import perplexity
 from big_vision_lite.models import paligemma
 from configs import coco_det, cococap, forkme, refcoco_det, refcoco_seg, vqav2
 from configs import transfer_common as tc
@@ -498,5 +499,5 @@ def test_forkme_eval_examples(jsonl_data, tok):
   assert (rec["exact_match"], rec["anls"]) == (1.0, 1.0)
   assert evaluator.score_example(examples[1], "picture number 7")["exact_match"] == 0.0
   scored = list(pipeline.eval_examples(c.evals.val_pplx.data, c.evals.val_pplx.pp, **kw))
-  assert set(scored[0]) >= set(eval_runner.SCORE_KEYS) and scored[0]["text"].shape == (25,)
+  assert set(scored[0]) >= set(perplexity.SCORE_KEYS) and scored[0]["text"].shape == (25,)
   assert suffix_text(scored[1], tok) == "picture number 1"
