@@ -4,11 +4,11 @@ big_vision_lite/sweep.py expands a config's sweep into runs; this module launche
 Devices: by default each run uses every device. On a multi-host slice either start the same
 sweep command on every host (ROOT on a filesystem they share; each host holds its own lock,
 and their outputs interleave in train.log), or, simpler, print the commands with --print
-and hand them to the slice's launcher. `parallel` > 1 gives each concurrent run an equal, disjoint subset:
-CUDA_VISIBLE_DEVICES on GPU; on a TPU VM TPU_VISIBLE_CHIPS with single-process bounds
-(TPU_CHIPS_PER_PROCESS_BOUNDS for 1, 2, 4 or 8 chips, one host; not tried on hardware
-here). On CPU the processes simply share the host's cores (tiny configs, tests).
-The device count is read without starting JAX here (that would claim the chips).
+and hand them to the slice's launcher. `parallel` > 1 gives each concurrent run an equal,
+disjoint device subset: CUDA_VISIBLE_DEVICES on GPU; on a TPU VM TPU_VISIBLE_CHIPS with
+single-process bounds (TPU_CHIPS_PER_PROCESS_BOUNDS for 1, 2, 4 or 8 chips, one host; not
+tried on hardware here). On CPU the processes simply share the host's cores (tiny configs,
+tests). The device count is read without starting JAX here (that would claim the chips).
 Each child gets SIGKILL when the launcher dies (Linux prctl), so a killed sweep never leaves
 a trainer writing behind it; re-running the sweep resumes the run from its checkpoint.
 """

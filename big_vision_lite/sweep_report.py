@@ -6,9 +6,9 @@ ROOT/sweep.json (written by big_vision_lite/sweep.py) lists the runs, their over
 the config's headline metrics; each run's folder ROOT/<run> holds what train.py writes
 (metrics.jsonl, final_metrics.json, checkpoints/<step>/) and the launcher's train.log.
 The report ranks the runs by the headline metric's final value (final_metrics.json, else the
-last logged value) and also shows each metric's best logged value; failed runs keep their
-error. It writes ROOT/report.csv, ROOT/report.md and ROOT/report.png (headline metric
-against each swept hyperparameter).
+last logged value; ties go to the next metrics in order) and also shows each metric's best
+logged value; failed runs keep their error. It writes ROOT/report.csv, ROOT/report.md and
+ROOT/report.png (the headline metric against each swept hyperparameter).
 """
 from collections.abc import Mapping, Sequence
 import csv
@@ -210,19 +210,21 @@ def collect(root: str, metric: str | None = None, lock_held: bool = False) -> di
            "elapsed_s": run.get("elapsed_s"),
            "metrics": {m: summarize(history, final, m, mode) for m, mode in specs}}
           for index, run, status, error, history, final in runs]
-  rows.sort(key=lambda r: _rank_key(r, headline))
+  rows.sort(key=lambda r: _rank_key(r, specs))
   return {"headline": headline, "metrics": specs,
           "keys": swept_keys([run.get("overrides", {}) for _, run, *_ in runs]),
           "rows": rows, "root": root}
 
 
-def _rank_key(row, headline):
-  value = row["metrics"][headline[0]]["final"]
-  has = value is not None and not math.isnan(value)
-  signed = (value if headline[1] == "min" else -value) if has else 0.0
-  # Finished runs first, then runs still going, then failed ones; ties keep sweep order.
-  tier = {"done": 0, "failed": 2}.get(row["status"], 1)
-  return (tier, not has, signed, row["index"])
+def _rank_key(row, specs):
+  """Finished runs first, then runs still going, then failed ones; within a tier by the
+  headline's final value, ties broken by the other metrics in order, then sweep order."""
+  key = [{"done": 0, "failed": 2}.get(row["status"], 1)]
+  for name, mode in specs:
+    value = row["metrics"][name]["final"]
+    has = value is not None and not math.isnan(value)
+    key += [not has, (value if mode == "min" else -value) if has else 0.0]
+  return (*key, row["index"])
 
 
 def swept_keys(overrides: Sequence[Mapping]) -> list[str]:

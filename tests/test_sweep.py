@@ -1,6 +1,5 @@
-"""Sweeps: search-space helpers, run names and flags, the launcher (with a fake trainer that
-writes what train.py writes), interrupt/resume, --print, --parallel, the report; and one
-slow end-to-end sweep of the demo config through the real train.py."""
+"""Sweeps: search spaces, names, flags, the launcher with a fake trainer (interrupt/resume,
+--print, --parallel), the report; one slow sweep of the demo config through train.py."""
 import csv
 import json
 import os
@@ -137,12 +136,10 @@ def test_grid_order_and_scalars():
 
 
 def test_random_is_seeded_rounded_and_in_range():
-  points = sweep.random(50, seed=3, lr=sweep.loguniform(1e-5, 1e-3), drop=sweep.uniform(0, 0.5),
-                        bs=sweep.choice(16, 32), steps=100)
-  assert points == sweep.random(50, seed=3, lr=sweep.loguniform(1e-5, 1e-3),
-                                drop=sweep.uniform(0, 0.5), bs=sweep.choice(16, 32), steps=100)
-  assert points != sweep.random(50, seed=4, lr=sweep.loguniform(1e-5, 1e-3),
-                                drop=sweep.uniform(0, 0.5), bs=sweep.choice(16, 32), steps=100)
+  space = dict(lr=sweep.loguniform(1e-5, 1e-3), drop=sweep.uniform(0, 0.5),
+               bs=sweep.choice(16, 32), steps=100)
+  points = sweep.random(50, seed=3, **space)
+  assert points == sweep.random(50, seed=3, **space) != sweep.random(50, seed=4, **space)
   lrs = [p["lr"] for p in points]
   assert all(1e-5 <= x <= 1e-3 for x in lrs)
   assert all(float(f"{x:.3g}") == x for x in lrs)  # 3 significant digits
@@ -170,8 +167,7 @@ def test_names_and_flag_values():
   assert sweep.arg(res=448, mode="smoke") == {"config_arg": "res=448,mode=smoke"}
 
 
-def test_expand_round_trips_through_train_flags(fake, tmp_path):
-  config, _ = fake
+def test_expand_round_trips_through_train_flags(tmp_path):
   path = tmp_path / "typed.py"
   path.write_text(FAKE_CONFIG.replace(
       "  for point in", "  add(lr=3e-05, input=dict(batch_size=16, name='coco'), patch=(4, 2),\n"
@@ -187,8 +183,8 @@ def test_expand_round_trips_through_train_flags(fake, tmp_path):
   parsed = sweep.validated_config(f"{path}:{first.config_arg}", first.flags, "test")
   assert (parsed.lr, parsed.input.batch_size, parsed.input.name, parsed.patch, parsed.use_ema,
           parsed.res) == (3e-05, 16, "coco", (4, 2), True, 32)
-  assert runs[1].config_arg == "res=16" and runs[1].flags == ["--config.lr=0.01",
-                                                                "--config.wd=0.0"]
+  assert runs[1].flags == ["--config.lr=0.01", "--config.wd=0.0"]
+  assert runs[1].config_arg == "res=16"
 
 
 @pytest.mark.parametrize("line, error", [
@@ -243,10 +239,6 @@ def test_detect_devices_reads_visible_device_lists(monkeypatch):
 # ------------------------------------------------------------ launcher (fake trainer)
 
 
-def _expected_loss(lr, wd, steps=6):
-  return 1.0 / (1.0 + 100 * lr * steps) + wd
-
-
 def test_interrupt_resume_and_report(fake, tmp_path):
   config, trainer = fake
   root = tmp_path / "root"
@@ -264,6 +256,7 @@ def test_interrupt_resume_and_report(fake, tmp_path):
     proc.wait(timeout=10)
   finally:
     proc.kill()
+    proc.communicate()  # Reaps it and closes its pipes.
   _wait_for(lambda: not _alive(child), 10, "the orphaned trainer to die")
   assert not (second / "final_metrics.json").exists()
   assert sweep_report.collect(str(root))["rows"][0]["name"] == runs[0]
@@ -288,8 +281,8 @@ def test_interrupt_resume_and_report(fake, tmp_path):
   assert report["keys"] == ["lr", "wd"]
   top = report["rows"][0]["metrics"]
   assert top["val/score"]["final"] == pytest.approx(0.3)
-  assert top["loss"]["final"] == pytest.approx(_expected_loss(0.03, 0.0))
-  assert top["loss"]["best"] == pytest.approx(_expected_loss(0.03, 0.0))  # loss: min
+  # The fake's loss 1 / (1 + 100 lr step) + wd falls: its best (min) is its final value.
+  assert top["loss"]["final"] == top["loss"]["best"] == pytest.approx(1 / (1 + 100 * 0.03 * 6))
   peak = next(r for r in report["rows"] if r["name"] == runs[0])["metrics"]["val/score"]
   assert (peak["final"], peak["best"], peak["best_step"]) == (
       pytest.approx(0.1), pytest.approx(0.6), 3)
@@ -316,8 +309,8 @@ def test_interrupt_resume_and_report(fake, tmp_path):
 def test_failed_runs_are_listed_with_their_error(fake, tmp_path):
   config, trainer = fake
   root = tmp_path / "root"
-  out = _run(_sweep_cmd(config, root, trainer, "--config.fail_above_lr=0.02",
-                        "--config.step_s=0.0"))
+  cmd = _sweep_cmd(config, root, trainer, "--config.fail_above_lr=0.02", "--config.step_s=0.0")
+  out = _run(cmd)
   assert out.returncode == 1
   report = sweep_report.collect(str(root))
   assert [(r["name"], r["status"]) for r in report["rows"]] == [
@@ -328,9 +321,7 @@ def test_failed_runs_are_listed_with_their_error(fake, tmp_path):
   assert "failed runs:\n  lr=0.03,wd=0.0: exit code 1: ValueError: lr 0.03 diverged" in (
       out.stdout)
   assert "## Failed runs" in (root / "report.md").read_text()
-  # The same command again retries the failed runs only (and they fail again).
-  out = _run(_sweep_cmd(config, root, trainer, "--config.fail_above_lr=0.02",
-                        "--config.step_s=0.0"))
+  assert _run(cmd).returncode == 1  # The same command retries the failed runs only.
   manifest = json.loads((root / "sweep.json").read_text())
   assert [r["attempts"] for r in manifest["runs"]] == [1, 1, 2, 2]
   # Other common overrides belong to another sweep.
@@ -394,6 +385,34 @@ def test_finished_means_final_metrics_or_a_committed_last_checkpoint(tmp_path):
   assert sweep_report.finished_reason(str(tmp_path), 8) == "final_metrics.json"
 
 
+def test_ranking_tiers_and_tie_breaks(tmp_path):
+  """Done runs by the headline (ties: next metric), then unfinished, then failed runs."""
+  runs = {"a": ("done", 0.5, 2.0), "b": ("done", 0.5, 1.0), "c": ("done", 0.4, 0.1),
+          "d": ("running", 0.9, 0.1), "e": ("failed", None, 5.0), "f": ("done", None, None)}
+  manifest = {"config": "x.py", "extra_flags": [], "metrics": ["acc", "loss"], "runs": []}
+  for name, (status, acc, loss) in runs.items():
+    (tmp_path / name).mkdir()
+    if loss is not None:
+      (tmp_path / name / "metrics.jsonl").write_text(
+          json.dumps({"step": 1, "loss": loss + 1}) + "\n" + json.dumps({"step": 2, "loss": loss})
+          + "\n" + '{"step": 3, "lo')  # A line cut short by a kill is skipped.
+    if acc is not None and status != "running":
+      (tmp_path / name / "final_metrics.json").write_text(json.dumps({"acc": acc}))
+    elif acc is not None:
+      with open(tmp_path / name / "metrics.jsonl", "a") as f:
+        f.write("\n" + json.dumps({"step": 2, "acc": acc}) + "\n")
+    manifest["runs"].append({"name": name, "status": status, "overrides": {"x": name},
+                             "error": "boom" if status == "failed" else None})
+  sweep_report.write_manifest(str(tmp_path), manifest)
+  report = sweep_report.collect(str(tmp_path), lock_held=True)
+  assert [(r["name"], r["status"]) for r in report["rows"]] == [
+      ("b", "done"), ("a", "done"), ("c", "done"), ("f", "done"), ("d", "running"),
+      ("e", "failed")]
+  assert report["rows"][0]["metrics"]["loss"] == {"final": 1.0, "best": 1.0, "best_step": 2}
+  # Without a live launcher a "running" run was interrupted.
+  assert sweep_report.collect(str(tmp_path))["rows"][4]["status"] == "interrupted"
+
+
 def test_report_needs_a_manifest(tmp_path):
   with pytest.raises(FileNotFoundError, match="no sweep manifest"):
     sweep_report.collect(str(tmp_path))
@@ -443,6 +462,7 @@ def test_demo_sweep_interrupted_resumed_and_reported(tmp_path):
     proc.wait(timeout=10)
   finally:
     proc.kill()
+    proc.communicate()  # Reaps it and closes its pipes.
   _wait_for(lambda: not _alive(child), 20, "the orphaned train.py to die")
   assert not (second / "final_metrics.json").exists(), "run 2 finished before the kill"
   saved = sweep_report.checkpoint_steps(str(second))[-1]
@@ -459,20 +479,21 @@ def test_demo_sweep_interrupted_resumed_and_reported(tmp_path):
   assert [r["status"] for r in manifest["runs"]] == ["done"] * 4
   assert [r["attempts"] for r in manifest["runs"]] == [1, 2, 1, 1]
 
-  # The report's best run, against the runs' own files read here.
+  # The report's ranking, against the runs' own files read here: by the final caption/cider,
+  # ties broken by the next metrics() in order (vqa, detection, segmentation: max; loss: min).
   finals = {n: json.loads((root / n / "final_metrics.json").read_text()) for n in names}
   assert all(set(metrics[:4]) <= set(f) for f in finals.values())
-  best = max(names, key=lambda n: (finals[n]["caption/cider"], -names.index(n)))
-  report = sweep_report.collect(str(root))
-  assert report["rows"][0]["name"] == best
-  assert [r["metrics"]["caption/cider"]["final"] for r in report["rows"]] == sorted(
-      (finals[n]["caption/cider"] for n in names), reverse=True)
   last_loss = {}
   for n in names:
     for line in (root / n / "metrics.jsonl").read_text().splitlines():
       record = json.loads(line)
       if "loss" in record and record["step"] == 6:
         last_loss[n] = record["loss"]
+  expected = sorted(names, key=lambda n: (*(-finals[n][m] for m in metrics[:4]), last_loss[n],
+                                          names.index(n)))
+  report = sweep_report.collect(str(root))
+  assert [r["name"] for r in report["rows"]] == expected
   ranked = sweep_report.collect(str(root), metric="loss")["rows"]
   assert ranked[0]["name"] == min(names, key=lambda n: (last_loss[n], names.index(n)))
+  assert [r["metrics"]["loss"]["final"] for r in ranked] == sorted(last_loss.values())
   assert (root / "report.png").exists() and (root / "report.csv").exists()
