@@ -22,7 +22,7 @@ from big_vision_lite.models import paligemma
 
 # Every top-level key a run config may have (configs/common.py sets them all).
 CONFIG_KEYS = frozenset({
-    "seed", "total_steps", "total_epochs", "log_steps", "ckpt_steps", "eval_steps",
+    "seed", "total_steps", "log_steps", "ckpt_steps", "eval_steps",
     "keep_ckpts", "keep_ckpt_every", "input", "tokenizer", "vqvae", "model", "model_init",
     "model_load", "mesh", "sharding_rules", "optax_name", "optax", "lr", "wd", "wd_mults",
     "lr_mults", "schedule", "grad_clip_norm", "grad_accum_steps", "label_smoothing",
@@ -37,11 +37,12 @@ def check_config(config) -> None:
   unknown = sorted(set(config.keys()) - CONFIG_KEYS)
   if unknown:
     raise ValueError(f"config: unknown key(s) {unknown}; known: {sorted(CONFIG_KEYS)}")
-  missing = sorted(k for k in CONFIG_KEYS - {"total_epochs", "name"} if k not in config)
+  missing = sorted(k for k in CONFIG_KEYS - {"name"} if k not in config)
   if missing:
     raise ValueError(f"config: missing key(s) {missing} (configs/common.py sets them all)")
-  if (config.total_steps is None) == (config.get("total_epochs") is None):
-    raise ValueError("config: set exactly one of total_steps and total_epochs")
+  if not isinstance(config.total_steps, int) or config.total_steps <= 0:
+    raise ValueError(f"config.total_steps={config.total_steps!r}: expected a positive int "
+                     "(configs derive it from epochs and the split size)")
   for key in ("log_steps", "ckpt_steps", "eval_steps"):
     if not isinstance(config[key], int) or config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]!r}: expected a positive int")
@@ -90,15 +91,8 @@ def make_optimizer(config, abstract_params):
                             abstract_params)
   else:
     target = abstract_params
-  tx, lr_fns = optim.make_optimizer(config, target, total_steps=_known_total_steps(config))
+  tx, lr_fns = optim.make_optimizer(config, target, total_steps=config.total_steps)
   return tx, lr_fns, lora
-
-
-def _known_total_steps(config) -> int:
-  if config.total_steps is None:
-    raise ValueError("total_epochs needs the dataset size: not supported for the optimizer's "
-                     "schedule yet; set config.total_steps")
-  return int(config.total_steps)
 
 
 def state_shardings(config, abstract_state, mesh):

@@ -4,6 +4,7 @@ A config file's `get_config(arg)` starts from `base_config()` and overrides what
 needs; train.py rejects keys that are not listed here (big_vision_lite/train_lib.py).
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -38,13 +39,13 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "run"
   c.seed = 0
-  c.total_steps = None       # Or total_epochs (exactly one of the two).
-  c.total_epochs = None
+  # Keys whose default is None are typed placeholders, so --config.key=value can set them.
+  c.total_steps = placeholder(int)  # Task configs derive it from epochs and the split size.
   c.log_steps = 50
   c.ckpt_steps = 1000
   c.eval_steps = 1000
   c.keep_ckpts = 2           # Keep the last K checkpoints ...
-  c.keep_ckpt_every = None   # ... plus every M-th step (None: none).
+  c.keep_ckpt_every = placeholder(int)  # ... plus every M-th step (None: none).
 
   c.input = ml_collections.ConfigDict()
   c.input.data = None
@@ -56,10 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.skip_bad_examples = False
   c.input.prefetch = 2
 
-  c.tokenizer = None         # SentencePiece model path, or "demo".
-  c.vqvae = None             # Mask VQ-VAE npz for segmentation targets/evals, or "demo".
+  c.tokenizer = placeholder(str)  # SentencePiece model path, or "demo".
+  c.vqvae = placeholder(str)  # Mask VQ-VAE npz for segmentation targets/evals, or "demo".
   c.model = ml_collections.ConfigDict()
-  c.model_init = None        # Path (npz / HF folder / workdir) or vanity name (pt_224, ...).
+  c.model_init = placeholder(str)  # Path (npz / HF folder / workdir) or vanity name (pt_224, ...).
   c.model_load = ml_collections.ConfigDict(dict(only=None, skip=[], resample_posemb=True))
 
   c.mesh = (("data", -1),)  # A tuple, so that --config.mesh='(("fsdp", -1),)' works.
@@ -69,8 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optax = ml_collections.ConfigDict()
   c.lr = 1e-5
   c.wd = 0.0
-  c.wd_mults = None
-  c.lr_mults = None
+  c.wd_mults = placeholder(tuple)  # ((regex, mult), ...): which params decay.
+  c.lr_mults = placeholder(tuple)
   c.schedule = ml_collections.ConfigDict(dict(decay_type="cosine", warmup_percent=0.05))
   c.grad_clip_norm = 1.0
   c.grad_accum_steps = 1

@@ -211,7 +211,7 @@ def test_steps_and_hyperparameters(config, arg, steps, batch, lr, wd, ls):
       steps, batch, lr, wd, ls)
   assert c.optax_name == "scale_by_adam" and c.grad_clip_norm == 1.0
   assert c.schedule.to_dict() == dict(decay_type="cosine", warmup_percent=0.05)
-  assert c.wd_mults == [(".*/kernel$", 1.0)]
+  assert [tuple(r) for r in c.wd_mults] == [(".*/kernel$", 1.0)]
 
 
 def test_eval_periods():
