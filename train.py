@@ -142,6 +142,8 @@ def main(argv):
     logger.log(step, train_lib.blank_image_baseline(evals, train_lib.eval_params(state, lora)))
   if evals is not None:
     train_lib.write_final_metrics(workdir, evals)
+    if config.final_baseline:
+      train_lib.print_final_table(evals)
   logger.close()
   logging.info("done: %d steps in %s", total_steps, workdir)
 

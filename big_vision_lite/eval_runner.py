@@ -14,6 +14,8 @@ config.evals is a dict name -> dict(
     data=dict(name=..., split=...), pp="...", batch_size=int (examples per call, per process),
     max_decode_len=int (decoding evaluators only),
     every=int | None (None: config.eval_steps; 0: only at the end of training),
+    rename={evaluator metric: reported name} (optional; e.g. the demo reports VQA
+      "exact_match" as "accuracy"; unlisted metrics keep their names),
     sampler=..., ... (decoding options, see decode.make_predict_fn),
     **evaluator kwargs)   (passed to evaluators.create; unknown keys are its errors)
 Examples come from data.pipeline.eval_examples (this process's shard). Decoding evaluators
@@ -43,7 +45,7 @@ from big_vision_lite.evaluators.perplexity import TeacherForcedScorer
 
 log = logging.getLogger(__name__)
 
-RUNNER_KEYS = ("type", "data", "pp", "batch_size", "max_decode_len", "every")
+RUNNER_KEYS = ("type", "data", "pp", "batch_size", "max_decode_len", "every", "rename")
 # Run-config keys the runner reads (config.eval_steps too, for evals with every=None).
 CONFIG_KEYS = ("seed", "vqvae", "evals", "render_predictions")
 # Example fields never copied into records (pixels, token arrays, masks).
@@ -207,6 +209,10 @@ class _Spec:
                        f"an int >= 1, got {self.max_decode_len!r}")
     if not self.decodes and self.max_decode_len is not None:
       raise ValueError(f"{where}.max_decode_len: {self.type!r} does not decode; remove it")
+    self.rename = _as_dict(entry.get("rename") or {})
+    if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in self.rename.items()):
+      raise ValueError(f"{where}.rename: expected {{metric: new name}} strings, got "
+                       f"{self.rename!r}")
     rest = {k: v for k, v in entry.items() if k not in RUNNER_KEYS}
     self.decode_kw = {k: rest.pop(k) for k in list(rest) if self.decodes and k in decode_keys}
     self.kwargs = rest  # For the evaluator's constructor, which rejects unknown keys.
@@ -377,6 +383,7 @@ class EvalRunner:
       else:
         scorer = self._scorers[name]
         metrics = ev.run(score_fn=wrap(functools.partial(scorer, params)))
+      metrics = {spec.rename.get(k, k): v for k, v in metrics.items()}
       prefix = f"baseline/{name}" if blank_images else name
       out.update({f"{prefix}/{k}": v for k, v in metrics.items()})
       if blank_images:

@@ -253,6 +253,24 @@ def write_final_metrics(workdir, evals) -> None:
     json.dump(evals.final_metrics(), f, indent=1, sort_keys=True)
 
 
+def final_table(metrics: Mapping[str, float]) -> str:
+  """A plain-text table: metric | model | blank-image baseline, for every metric that has a
+  "baseline/<metric>" counterpart (counts such as "num" and "num_gt" left out)."""
+  rows = [(k, v, metrics[f"baseline/{k}"]) for k, v in metrics.items()
+          if not k.startswith("baseline/") and f"baseline/{k}" in metrics
+          and not k.rsplit("/", 1)[-1].startswith("num")]
+  width = max([len("metric")] + [len(k) for k, _, _ in rows])
+  lines = [f"{'metric':<{width}}  {'model':>8}  {'baseline':>8}"]
+  lines += [f"{k:<{width}}  {v:8.4f}  {b:8.4f}" for k, v, b in rows]
+  return "\n".join(lines)
+
+
+def print_final_table(evals) -> None:
+  """Prints final_table of the runner's latest metrics (primary process only)."""
+  if jax.process_index() == 0:
+    print(final_table(evals.final_metrics()), flush=True)
+
+
 # --------------------------------------------------------------- logging
 
 
