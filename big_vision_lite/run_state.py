@@ -215,6 +215,11 @@ class RunState:
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"RunState: {name}={v!r}; expected a positive int or None")
     policies = [_pp.LatestN(keep_last)] + ([_pp.EveryNSteps(keep_every)] if keep_every else [])
+    # Orbax's array writer (OCDBT) refuses relative paths ("runs/demo", the README's
+    # command), and only fails in its background thread: anchor local paths here.
+    workdir = os.fspath(workdir)
+    if "://" not in workdir:
+      workdir = os.path.abspath(workdir)
     self.directory = epath.Path(workdir) / CHECKPOINTS
     self.read_only = read_only
     options = ocp.CheckpointManagerOptions(

@@ -135,6 +135,20 @@ def test_async_save_wait_and_restore_latest(tmp_path, mesh):
       mgr.restore(11, target=target)
 
 
+def test_relative_workdir_saves_and_restores(tmp_path, mesh, monkeypatch):
+  """The README's `--workdir runs/demo`: orbax's array writer needs absolute paths and
+  fails only in its background thread, so an async save must still commit."""
+  monkeypatch.chdir(tmp_path)
+  with run_state.RunState("runs/demo", keep_last=None) as mgr:
+    assert mgr.save(3, small_state(mesh, 3))
+    mgr.wait()
+  with run_state.RunState(os.path.join("runs", "demo"), read_only=True) as ro:
+    assert ro.all_steps() == [3]
+    r = ro.restore(target=run_state.abstract_tree(small_state(mesh)))
+    assert_trees_bit_equal(r.state, small_state(mesh, 3))
+  assert run_state.committed_steps(tmp_path / "runs" / "demo" / "checkpoints") == [3]
+
+
 def test_unfinished_and_damaged_steps_are_skipped(tmp_path, mesh, caplog):
   target = run_state.abstract_tree(small_state(mesh))
   with run_state.RunState(tmp_path, keep_last=None, async_save=False) as mgr:
