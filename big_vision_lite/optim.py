@@ -34,6 +34,7 @@ train step with `accumulate_gradients`, before `tx.update`, so the schedule and
 the optimizer see one update per step.
 """
 from collections.abc import Callable, Mapping, Sequence
+import functools
 import re
 from typing import Any, NamedTuple
 
@@ -344,12 +345,7 @@ def xent_sum_and_count(logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
     raise ValueError(f"reduction must be 'per_example' or 'per_token', got {reduction!r}")
   if not 0.0 <= label_smoothing < 1.0:
     raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  loss = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  if label_smoothing:
-    # sum_v target_v * -logp_v without a [B, T, V] one-hot (V is 257k for Gemma).
-    off = label_smoothing / (logits.shape[-1] - 1)
-    loss = (1.0 - label_smoothing - off) * loss - off * jnp.sum(logp, axis=-1)
+  loss = _token_xent(logits, labels.astype(jnp.int32), float(label_smoothing))
   mask = mask.astype(jnp.float32)
   tok = (loss * mask).reshape(loss.shape[0], -1)
   mask = mask.reshape(loss.shape[0], -1)
@@ -357,6 +353,45 @@ def xent_sum_and_count(logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
     return jnp.sum(tok), jnp.sum(mask)
   per_example = jnp.sum(tok, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
   return jnp.sum(per_example), jnp.asarray(loss.shape[0], jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _token_xent(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+  """float32[...] cross-entropy of each token: sum_v target_v * -log_softmax(logits)_v.
+
+  A custom gradient because V is 257k for Gemma: autodiff of log_softmax + take_along_axis
+  writes log-probs, exp, a zero [.., V] array and a scatter into it (each a pass over
+  the f32 logits); here the forward reads the logits for a logsumexp and the backward
+  writes d logits in one fused pass (softmax - target), with the one-hot an iota compare.
+  """
+  return _token_xent_fwd(logits, labels, label_smoothing)[0]
+
+
+def _token_xent_fwd(logits, labels, label_smoothing):
+  z = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(z, axis=-1)
+  loss = lse - jnp.take_along_axis(z, labels[..., None], axis=-1)[..., 0]
+  if label_smoothing:
+    # sum_v target_v * -logp_v without a [B, T, V] one-hot; sum_v logp_v = sum_v z_v - V lse.
+    v = logits.shape[-1]
+    off = label_smoothing / (v - 1)
+    loss = (1.0 - label_smoothing - off) * loss - off * (jnp.sum(z, axis=-1) - v * lse)
+  return loss, (logits, labels, lse)
+
+
+def _token_xent_bwd(label_smoothing, res, g):
+  logits, labels, lse = res
+  v = logits.shape[-1]
+  off = label_smoothing / (v - 1) if label_smoothing else 0.0
+  hit = 1.0 - label_smoothing - off
+  # d loss / d z_v = (hit + off * V) * p_v - hit * [v == label] - off.
+  p = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+  onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == labels[..., None]
+  d = (hit + off * v) * p - jnp.where(onehot, hit, 0.0) - off
+  return (d * g[..., None]).astype(logits.dtype), None
+
+
+_token_xent.defvjp(_token_xent_fwd, _token_xent_bwd)
 
 
 def softmax_xent(logits: jax.Array, labels: jax.Array, mask: jax.Array, *,

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from big_vision_lite.models import matmul
 from big_vision_lite.models.siglip import remat_policy
 
 _GEMMA2 = dict(final_logits_softcap=30.0, attn_logits_softcap=50.0, post_norms=True,
@@ -136,7 +137,7 @@ class Einsum(nn.Module):
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=self.in_axis,
                                             out_axis=self.out_axis, batch_axis=())
     w = self.param("w", init, self.shape, self.param_dtype)
-    return jnp.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
+    return matmul.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
 
 
 class Attention(nn.Module):
@@ -224,8 +225,9 @@ class Block(nn.Module):
     h = norm("pre_ffw_norm")(x).astype(self.dtype)
     mlp = MlpParams(self.width, self.mlp_dim, self.param_dtype, name="mlp")
     gating, linear = (w.astype(self.dtype) for w in mlp())
-    y = nn.gelu(h @ gating[0], approximate=True) * (h @ gating[1])
-    y = y @ linear
+    y = (nn.gelu(matmul.einsum("BTD,DF->BTF", h, gating[0]), approximate=True)
+         * matmul.einsum("BTD,DF->BTF", h, gating[1]))
+    y = matmul.einsum("BTF,FD->BTD", y, linear)
     if self.post_norms:
       y = norm("post_ffw_norm")(y)
     return constrain(x + drop(y, deterministic)), kv_cache
@@ -345,8 +347,8 @@ class Gemma(nn.Module):
   def logits(self, pre_logits: jax.Array) -> jax.Array:
     """[..., D] (after final_norm) -> float32[..., V] with the final soft-cap, if any."""
     table = self.embedder.table().astype(self.dtype)
-    logits = jnp.einsum("...D,VD->...V", pre_logits.astype(self.dtype), table,
-                        preferred_element_type=jnp.float32)
+    logits = matmul.einsum("...D,VD->...V", pre_logits.astype(self.dtype), table,
+                           preferred_element_type=jnp.float32)
     if logits.ndim == 3:
       logits = constrain(logits)
     return softcap(logits, self.final_logits_softcap)

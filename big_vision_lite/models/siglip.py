@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from big_vision_lite.models import matmul
+
 # width, depth, mlp_dim, num_heads of big_vision's ViT variants ("So400m/14" = shape-optimised 400M).
 VARIANTS: dict[str, dict[str, int]] = {
     "mu": dict(width=32, depth=1, mlp_dim=128, num_heads=2),
@@ -108,6 +110,7 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic):
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                                     dot_general=matmul.dot_general,
                                      kernel_init=nn.initializers.xavier_uniform(),
                                      bias_init=nn.initializers.normal(stddev=1e-6))
     d = x.shape[-1]
@@ -128,12 +131,14 @@ class Attention(nn.Module):
     hd = d // self.num_heads
     proj = lambda name: nn.DenseGeneral((self.num_heads, hd), dtype=self.dtype,
                                         param_dtype=self.param_dtype, name=name,
+                                        dot_general=matmul.dot_general,
                                         kernel_init=nn.initializers.xavier_uniform())
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # [B,N,nh,hd]
     logits = jnp.einsum("BQnh,BKnh->BnQK", q, k, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits * hd ** -0.5, axis=-1).astype(v.dtype)
     out = jnp.einsum("BnQK,BKnh->BQnh", probs, v)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+                           dot_general=matmul.dot_general,
                            kernel_init=nn.initializers.xavier_uniform(), name="out")(out)
 
 
@@ -228,5 +233,5 @@ class ViT(nn.Module):
     if self.num_classes:
       init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
       x = nn.Dense(self.num_classes, kernel_init=init, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="head")(x)
+                   param_dtype=self.param_dtype, dot_general=matmul.dot_general, name="head")(x)
     return x, aux
