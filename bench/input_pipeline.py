@@ -9,6 +9,9 @@ caption task, PaliGemma text layout, batch --batch_size, prefetch 2), skips --wa
 steps take that long (a sleep: the GIL is free, as during an XLA step) and reports the
 fraction of the time next() waited, the number the trainer logs.
 The JPEG folder holds --num_images demo scenes rendered at 640x480, quality 90 (COCO-like).
+
+Prints a table, then (last line) one JSON object: {"bench": "input_pipeline", "rows":
+{"demo/0": {"examples_per_s": ..., "startup_s": ...}, ...}} (no reference: no ratio).
 """
 import argparse
 import json
@@ -93,14 +96,18 @@ def main():
   print(f"cpus={os.cpu_count()} image_size={args.image_size} batch_size={args.batch_size}")
   print(f"{'source':8s} {'workers':>7s} {'examples/s':>11s} {'startup_s':>10s}"
         + (f" {'wait@' + str(args.step_ms) + 'ms':>12s}" if args.step_ms else ""))
+  rows = {}
   for name in args.sources.split(","):
     for workers in (int(w) for w in args.workers.split(",")):
       cfg = input_config(name, args.image_size, args.batch_size, workers, jsonl)
       r = measure(cfg, tok, args.warmup, args.batches, args.step_ms)
+      rows[f"{name}/{workers}"] = {k: round(v, 3) for k, v in r.items()}
       line = f"{name:8s} {workers:7d} {r['examples_per_s']:11.1f} {r['startup_s']:10.2f}"
       if args.step_ms:
         line += f" {r['wait_fraction']:12.3f}"
       print(line, flush=True)
+  print(json.dumps({"bench": "input_pipeline", "image_size": args.image_size,
+                    "batch_size": args.batch_size, "cpus": os.cpu_count(), "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""bench/: the side-by-side scripts run end to end on a tiny model (ours == transformers on
+the same weights), and run_all.py renders RESULTS.md from their JSON lines."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = json.dumps({
+    "img": {"variant": "mu/16", "image_size": 64},
+    "llm": {"vocab_size": 1000, "width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 2,
+            "num_kv_heads": 1, "head_dim": 32},
+})
+
+
+def _bench(script: str, *args: str) -> dict:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # conftest's fake devices: the benches time one device.
+  proc = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_train_step_bench_same_loss_and_gradients_as_transformers(tmp_path):
+  r = _bench("train_step.py", "--model", TINY, "--runs", "1", "--peak_n", "256",
+             "--hf_attn", "sdpa", "--ablate", "--profile", str(tmp_path / "trace"))
+  assert r["bench"] == "train_step" and r["vocab"] == 1000
+  # Same weights, batch and loss: the first step's loss and gradient norm agree.
+  assert r["loss_rel_diff"] < 1e-4, r
+  assert abs(r["ours_grad_norm"] - r["ref_grad_norm"]) < 1e-3 * r["ref_grad_norm"], r
+  assert r["ratio"] > 0 and 0 < r["mfu"] and r["ref_s"] > 0
+  assert set(r["ablation"]) == {"no_fused_xent", "before_fixes"}
+  prof = r["profile"]
+  assert abs(sum(prof["fractions"].values()) - 1) < 0.01 and prof["fractions"]["matmul"] > 0
+
+
+@pytest.mark.slow
+def test_decode_bench_same_tokens_as_transformers_generate():
+  r = _bench("decode.py", "--model", TINY, "--runs", "1", "--new_tokens", "6")
+  assert r["bench"] == "decode" and r["new_tokens"] == 6
+  assert r["tokens_equal_fraction"] == 1.0 and r["rows_equal"] == 8, r
+  assert r["ratio"] > 0 and r["ours_decode_tok_s"] > 0 and r["ref_decode_tok_s"] > 0
+
+
+def test_bad_model_override_names_the_flag():
+  sys.path.insert(0, str(REPO / "bench"))
+  try:
+    import paligemma_pair  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(str(REPO / "bench"))
+  assert paligemma_pair.model_config("cpu", '{"llm": {"depth": 1}}')["llm"]["depth"] == 1
+  for bad in ("{", '{"vit": {}}', '{"llm": 3}'):
+    with pytest.raises(ValueError, match="--model"):
+      paligemma_pair.model_config("cpu", bad)
+
+
+def _train_result(device: str) -> dict:
+  return {
+      "bench": "train_step", "device": device, "dtype": "float32", "batch_size": 8,
+      "text_len": 64, "vocab": 257152, "ours_s": 2.0, "ours_runs_s": [2.0], "compile_s": 9.0,
+      "model_tflops": 1.0, "peak_gflops": 200.0, "measured_peak_gflops": 200.0,
+      "peak_gflops_median_interleaved": 190.0, "mfu": 0.45, "mfu_vs_interleaved_peak": 0.47,
+      "ours_loss": 12.5, "ours_grad_norm": 2.5, "ref_s": 3.0, "ref_runs_s": [3.0],
+      "ratio": 1.5, "ratio_paired": 1.5, "ref_mfu": 0.3, "hf_attn": "sdpa", "hf_adam": "fused",
+      "hf_choice_s": {}, "ref_loss": 12.5, "ref_grad_norm": 2.5, "loss_rel_diff": 1e-6,
+      "machine": {"cpu": "Test CPU", "cores": 2, "load_avg_1m": 0.5}}
+
+
+def test_run_all_renders_results_from_logs(tmp_path):
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  result = dict(_train_result("gpu"), peak_gflops=989_000.0, measured_peak_gflops=700_000.0)
+  (logs / "train_step.log").write_text("some stderr\nours 2.0 s/step\n" + json.dumps(result)
+                                       + "\n")
+  (logs / "decode.log").write_text("Traceback (most recent call last):\nKeyError: 'x'\n")
+  out = tmp_path / "R.md"
+  proc = subprocess.run([sys.executable, "bench/run_all.py", "--device", "gpu", "--from_logs",
+                         str(logs), "--out", str(out)], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  text = out.read_text()
+  assert "| train step (gpu, float32, batch 8 x text 64, vocab 257152) | 2.00 s/step" in text
+  assert "**1.50x**" in text and "**45.0%** of the data-sheet 989 TFLOP/s" in text
+  # A failed benchmark is reported with its output, not dropped.
+  assert "| greedy decode | failed (see below) |" in text
+  assert "## decode: no result" in text and "KeyError: 'x'" in text
+  assert "- cpu: Test CPU" in text
+
+
+def test_run_all_rejects_unknown_benchmarks(tmp_path):
+  proc = subprocess.run([sys.executable, "bench/run_all.py", "--only", "train_step,nope",
+                         "--out", str(tmp_path / "R.md")], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2 and "unknown benchmark(s) ['nope']" in proc.stderr
+  assert not (tmp_path / "R.md").exists()
