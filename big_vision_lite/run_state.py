@@ -164,6 +164,14 @@ class _DataRestore(ocp.args.CheckpointArgs):
 # ---------------------------------------------------------------------------------------
 # Steps on disk.
 
+def _anchored(path: str | os.PathLike) -> str:
+  """A local path made absolute (URLs such as gs://... unchanged). Orbax's array reader and
+  writer (OCDBT) refuse relative paths ("runs/demo", the README's commands); the writer
+  fails only in its background thread."""
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(path)
+
+
 def committed_steps(directory: str | os.PathLike) -> list[int]:
   """Sorted steps under `directory` (= <workdir>/checkpoints) whose save completed."""
   directory = epath.Path(directory)
@@ -215,12 +223,7 @@ class RunState:
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"RunState: {name}={v!r}; expected a positive int or None")
     policies = [_pp.LatestN(keep_last)] + ([_pp.EveryNSteps(keep_every)] if keep_every else [])
-    # Orbax's array writer (OCDBT) refuses relative paths ("runs/demo", the README's
-    # command), and only fails in its background thread: anchor local paths here.
-    workdir = os.fspath(workdir)
-    if "://" not in workdir:
-      workdir = os.path.abspath(workdir)
-    self.directory = epath.Path(workdir) / CHECKPOINTS
+    self.directory = epath.Path(_anchored(workdir)) / CHECKPOINTS
     self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
         preservation_policy=_pp.AnyPreservationPolicy(policies),
@@ -384,7 +387,7 @@ class WorkdirReader(ckpt.Reader):
   """
 
   def __init__(self, path: str):
-    p = pathlib.Path(path)
+    p = pathlib.Path(_anchored(path))
     if (p / CHECKPOINTS).is_dir():
       steps = committed_steps(p / CHECKPOINTS)
       if not steps:

@@ -204,6 +204,16 @@ def _write_run(tmp_path, model_config, state, *, lora_cfg=None, step=7):
     mgr.save(step, state, extra={"rng": jax.random.key(0)})
 
 
+def test_load_relative_workdir(tmp_path, monkeypatch):
+  """`predict.py --checkpoint runs/demo`: orbax's reader refuses relative paths too."""
+  params = tiny_params(TINY)
+  _write_run(tmp_path / "runs" / "demo", TINY, {"params": params})
+  monkeypatch.chdir(tmp_path)
+  for path in ("runs/demo", os.path.join("runs", "demo", "checkpoints", "7")):
+    _, loaded = big_vision_lite.load(path)
+    assert_trees_bit_equal(loaded, params)
+
+
 def test_load_workdir_returns_config_and_params(tmp_path):
   params = tiny_params(TINY)
   tx = optax.adam(1e-3)
