@@ -1,14 +1,18 @@
 """The embedded default: a tiny PaliGemma trained from scratch on the demo's four tasks.
 
   python train.py --config configs/demo.py --workdir runs/demo
-  python train.py --config configs/demo.py:mode=short --workdir /tmp/demo_short
   python train.py --config configs/demo.py:mode=smoke --workdir /tmp/demo_smoke
 
 The synthetic shapes dataset (big_vision_lite/data/demo.py) needs no download; the demo
 tokenizer is trained on first use and the demo mask VQ-VAE ships with the repository.
-args: mode = full (the README's main job: < 10 minutes on 2 CPU cores, final evaluation and
-blank-image baseline included) | short (the slow end-to-end test: fewer steps) | smoke
-(tests: seconds); res = image size in pixels; patch = ViT patch size in pixels.
+args: mode = full (the README's main job: 7-8 minutes on 2 free CPU cores, final evaluation
+and blank-image baseline included) | smoke (tests: seconds); res = image size in pixels;
+patch = ViT patch size in pixels.
+
+Measured (full, 2026-11-27, 2 cores): 7m10s; model / blank images: caption CIDEr 1.88 / 0.47,
+VQA accuracy 0.43 / 0.33, detection AP50 0.014 / 0.010, segmentation mIoU 0.065 / 0.063.
+The model reads the image for captions and, partly, for VQA, but does not localise yet: its
+boxes follow the prompt's object order and count, not the image (an open problem).
 """
 from configs import common
 from big_vision_lite.data import demo
@@ -21,7 +25,12 @@ TEXT_LEN = 27
 MAX_DECODE_LEN = dict(caption=16, vqa=4, detection=20, segmentation=24)
 _VAL_SPLIT = dict(caption="caption", vqa="vqa", detection="detect", segmentation="segment")
 # steps, batch size, validation examples per task; every mode has the same model.
-_MODES = dict(full=(2000, 16, 256), short=(800, 16, 128), smoke=(20, 8, 16))
+_MODES = dict(full=(3000, 16, 256), smoke=(20, 8, 16))
+# Twice as many caption and VQA examples as detection and segmentation ones: their words
+# (colours, shapes, counts) are the first thing a from-scratch model learns to read from the
+# image; boxes and masks build on those features.
+_TASK_WEIGHTS = dict(caption=2.0, vqa=2.0, detect=1.0, segment=1.0)
+_LLM_WIDTH = 192
 
 
 def get_config(arg=None):
@@ -41,7 +50,7 @@ def get_config(arg=None):
 
   c.input.batch_size = batch
   c.input.text_len = TEXT_LEN
-  c.input.update(demo.demo_mixture(image_size=a.res, text_len=TEXT_LEN))
+  c.input.update(demo.demo_mixture(image_size=a.res, text_len=TEXT_LEN, weights=_TASK_WEIGHTS))
   # A full shuffle of the record indices per task (grain needs no buffer): without it the
   # four tasks read the same records in step, so a batch holds 4x fewer distinct images.
   c.input.shuffle_buffer_size = 100_000
@@ -51,8 +60,12 @@ def get_config(arg=None):
   c.model = dict(
       img=dict(patch_size=(a.patch, a.patch), width=128, depth=3, mlp_dim=384, num_heads=4,
                image_size=a.res, head_zeroinit=False, scan=True),
-      llm=dict(vocab_size=1664, width=192, depth=3, mlp_dim=512, num_heads=3,
-               num_kv_heads=1, head_dim=64, scan=True),
+      # Token embeddings start at unit RMS after Gemma's x sqrt(width), like the image tokens.
+      # With big_vision's 0.01 they are 14x smaller: attention outputs (mostly the 16 image
+      # tokens' values) drown each text token's identity, and training makes the image
+      # tokens constant (the ViT collapses, the model ignores the image).
+      llm=dict(vocab_size=1664, width=_LLM_WIDTH, depth=3, mlp_dim=512, num_heads=3,
+               num_kv_heads=1, head_dim=64, scan=True, embed_init_std=_LLM_WIDTH ** -0.5),
   )
   c.sharding_rules = "replicate"
   c.optax_name = "adam"

@@ -56,6 +56,18 @@ def test_real_sizes_match_big_vision_param_shapes(fixtures_dir, name):
   assert sum(np.prod(s) for s in flat.values()) == expected["total_params"]
 
 
+def test_embed_init_std_sets_the_token_table_init():
+  """big_vision's 0.01 by default; configs/demo.py starts from scratch at 1 / sqrt(width)."""
+  def table_std(**llm):
+    model = paligemma.Model(**tiny_config(vocab_size=2000, **llm))
+    text = jnp.zeros((1, 4), jnp.int32)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), text,
+                                 jnp.zeros_like(text))["params"]
+    return float(np.std(params["llm"]["embedder"]["input_embedding"]))
+  assert table_std() == pytest.approx(0.01, rel=0.05)
+  assert table_std(embed_init_std=48 ** -0.5) == pytest.approx(48 ** -0.5, rel=0.05)
+
+
 @pytest.mark.parametrize("gemma2", [False, True])
 def test_cached_decoding_equals_full_forward(gemma2):
   # Gemma 2 with a window of 5 keys: the 4 image tokens + prompt + generated tokens

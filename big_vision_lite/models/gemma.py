@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = dict(
     num_kv_heads=None, head_dim=None, norm_eps=1e-6, final_logits_softcap=None,
     attn_logits_softcap=None, post_norms=False, query_pre_attn_norm="rsqrt_head_dim",
     sliding_window=None, scan=True, remat_policy="none", dropout=0.0, dropout_bdims=(),
-    dtype="float32", param_dtype="float32", cache_dtype=None,
+    dtype="float32", param_dtype="float32", cache_dtype=None, embed_init_std=0.01,
 )
 _NUMBERS = ("width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
 _QUERY_NORMS = ("rsqrt_head_dim", "rsqrt_emb_per_head")
@@ -254,10 +254,11 @@ class Embedder(nn.Module):
   vocab_size: int
   width: int
   param_dtype: Any
+  init_std: float = 0.01
 
   @nn.compact
   def table(self):
-    return self.param("input_embedding", nn.initializers.normal(stddev=0.01),
+    return self.param("input_embedding", nn.initializers.normal(stddev=self.init_std),
                       (self.vocab_size, self.width), self.param_dtype)
 
 
@@ -311,10 +312,13 @@ class Gemma(nn.Module):
   dtype: Any = "float32"
   param_dtype: Any = "float32"
   cache_dtype: Any = None
+  # Only for training from scratch: big_vision's 0.01 makes token embeddings (x sqrt(width))
+  # tiny next to the image tokens in a small model; see configs/demo.py.
+  embed_init_std: float = 0.01
   variant: str | None = None
 
   def setup(self):
-    self.embedder = Embedder(self.vocab_size, self.width, self.param_dtype)
+    self.embedder = Embedder(self.vocab_size, self.width, self.param_dtype, self.embed_init_std)
     if self.query_pre_attn_norm == "rsqrt_head_dim":
       query_scale = self.head_dim ** -0.5
     else:
