@@ -1,6 +1,7 @@
 """bench/: the side-by-side scripts run end to end on a tiny model (ours == transformers on
 the same weights), and run_all.py renders RESULTS.md from their JSON lines."""
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -30,9 +31,13 @@ def test_train_step_bench_same_loss_and_gradients_as_transformers(tmp_path):
   r = _bench("train_step.py", "--model", TINY, "--runs", "1", "--peak_n", "256",
              "--hf_attn", "sdpa", "--ablate", "--profile", str(tmp_path / "trace"))
   assert r["bench"] == "train_step" and r["vocab"] == 1000
-  # Same weights, batch and loss: the first step's loss and gradient norm agree.
-  assert r["loss_rel_diff"] < 1e-4, r
-  assert abs(r["ours_grad_norm"] - r["ref_grad_norm"]) < 1e-3 * r["ref_grad_norm"], r
+  # Same weights, batch and loss: the first step's loss and gradient norm agree, up to the
+  # 64 zero rows that the HF export appends to the vocabulary (the <image> token and
+  # padding): their logits are 0 and only add to transformers' softmax denominator, a
+  # visible effect with this 1000-token vocabulary (2e-5 relative at 257152).
+  pad_bound = math.log((1000 + 64) / 1000) * 2
+  assert 0 <= r["ref_loss"] - r["ours_loss"] < pad_bound, r
+  assert abs(r["ours_grad_norm"] - r["ref_grad_norm"]) < 0.05 * r["ref_grad_norm"], r
   assert r["ratio"] > 0 and 0 < r["mfu"] and r["ref_s"] > 0
   assert set(r["ablation"]) == {"no_fused_xent", "before_fixes"}
   prof = r["profile"]
