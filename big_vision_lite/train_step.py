@@ -84,8 +84,8 @@ def _step_fn(model, tx, label_smoothing, reduction, grad_accum_steps, lora, micr
                                              micro_batch_sharding=micro_batch_sharding)
     updates, opt = tx.update(grads, state["opt"], state[key])
     new_state = {**state, key: optax.apply_updates(state[key], updates), "opt": opt}
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "update_norm": optax.global_norm(updates),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "update_norm": optax.tree.norm(updates),
                "tokens": jnp.sum(batch["mask_input"])}
     if lr_fn is not None:
       metrics["lr"] = lr_fn(optim.optimizer_step(state["opt"]))
