@@ -26,9 +26,9 @@ MAX_DECODE_LEN = dict(caption=16, vqa=4, detection=20, segmentation=24)
 _VAL_SPLIT = dict(caption="caption", vqa="vqa", detection="detect", segmentation="segment")
 # steps, batch size, validation examples per task; every mode has the same model.
 _MODES = dict(full=(3000, 16, 256), smoke=(20, 8, 16))
-# Twice as many caption and VQA examples as detection and segmentation ones: their words
-# (colours, shapes, counts) are the first thing a from-scratch model learns to read from the
-# image; boxes and masks build on those features.
+# Twice as many caption and VQA examples as detection and segmentation ones: captions are
+# where a from-scratch model first learns to read the image (measured: a caption-only run
+# beats blank images within 400 steps; the equal four-task mix showed none in 800).
 _TASK_WEIGHTS = dict(caption=2.0, vqa=2.0, detect=1.0, segment=1.0)
 _LLM_WIDTH = 192
 
@@ -61,7 +61,7 @@ def get_config(arg=None):
       img=dict(patch_size=(a.patch, a.patch), width=128, depth=3, mlp_dim=384, num_heads=4,
                image_size=a.res, head_zeroinit=False, scan=True),
       # Token embeddings start at unit RMS after Gemma's x sqrt(width), like the image tokens.
-      # With big_vision's 0.01 they are 14x smaller: attention outputs (mostly the 16 image
+      # With big_vision's 0.01 they are 7x smaller: attention outputs (mostly the 16 image
       # tokens' values) drown each text token's identity, and training makes the image
       # tokens constant (the ViT collapses, the model ignores the image).
       llm=dict(vocab_size=1664, width=_LLM_WIDTH, depth=3, mlp_dim=512, num_heads=3,
