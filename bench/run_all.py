@@ -162,7 +162,7 @@ def render(results, raw, secs, machine, args, started, load_before, load_after) 
   if dc:
     out.append(
         f"| greedy decode ({dc['device']}, batch {dc['batch_size']}, {dc['new_tokens']} new "
-        f"tokens) | {dc['ours_decode_tok_s']:.1f} tok/s after prefill; {dc['ours_s']:.2f} s "
+        f"tokens) | {fmt(dc['ours_decode_tok_s'], '.1f')} tok/s after prefill; {dc['ours_s']:.2f} s "
         f"end to end | {fmt(dc.get('ref_decode_tok_s'), '.1f')} tok/s; "
         f"{fmt(dc.get('ref_s'))} s (transformers generate, {dc.get('hf_attn', '-')}, "
         f"{dc.get('hf_cache', '-')} cache) | **{fmt(dc.get('ratio'))}x** after prefill, "
@@ -305,7 +305,7 @@ def decode_section(dc: dict) -> list[str]:
           f"{dc['new_tokens']} new tokens, greedy, the same weights. 'after prefill' = "
           "(time of the 32-token call - time of a 1-token call) for the 31 later tokens.", "",
           f"- ours: {dc['ours_s']:.3f} s end to end (runs {dc['ours_runs_s']}), 1-token call "
-          f"{dc['ours_prefill_s']:.3f} s, {dc['ours_decode_tok_s']:.1f} tok/s after prefill; "
+          f"{dc['ours_prefill_s']:.3f} s, {fmt(dc['ours_decode_tok_s'], '.1f')} tok/s after prefill; "
           f"compiled in {dc['compile_s']:.0f} s",
           f"- transformers generate: {fmt(dc.get('ref_s'), '.3f')} s (runs "
           f"{dc.get('ref_runs_s')}), 1-token call {fmt(dc.get('ref_prefill_s'), '.3f')} s, "
@@ -320,7 +320,7 @@ def decode_section(dc: dict) -> list[str]:
               f"({dc['llm_weight_gb']:.2f} GB in {'float32' if dc['device'] == 'cpu' else 'bfloat16'}, "
               f"the tied vocabulary table included, for the logits) for {dc['batch_size']} "
               f"tokens: a memory-bound step. Ours takes {dc['ours_step_s'] * 1e3:.1f} ms "
-              f"({dc['ours_weight_gb_per_s']:.1f} GB/s of weights), transformers "
+              f"({fmt(dc['ours_weight_gb_per_s'], '.1f')} GB/s of weights), transformers "
               f"{fmt(dc.get('ref_step_s', 0) * 1e3, '.1f')} ms "
               f"({fmt(dc.get('ref_weight_gb_per_s'), '.1f')} GB/s); a plain read of 256 MiB "
               f"(jitted sum, timed between the runs) reaches {dc['read_gb_per_s']:.1f} GB/s. "
