@@ -116,20 +116,16 @@ def _operand_grad(g, o, *, x, x_contract, o_contract, x_free, o_free, g_x, g_o, 
   order_b = list(x_contract) + list(x_free)
   cost_b += 0 if order_b == sorted(order_b) else size_x
 
+  # (left operand, its axis order, right operand, the right's summed axes, result order).
   if cost_a <= cost_b:
-    left = g if perm_g == sorted(perm_g) else jnp.transpose(g, perm_g)
-    k = len(s_in_g)
-    n_left = left.ndim
-    dn = ((tuple(range(n_left - k, n_left)), tuple(s_in_o)), ((), ()))
-    out = lax.dot_general(left, o, dn, precision=precision, preferred_element_type=dtype)
-    order = order_a
+    left, perm, right, s_right, order = g, perm_g, o, s_in_o, order_a
   else:
-    left = o if perm_o == sorted(perm_o) else jnp.transpose(o, perm_o)
-    k = len(s_in_o)
-    n_left = left.ndim
-    dn = ((tuple(range(n_left - k, n_left)), tuple(s_in_g)), ((), ()))
-    out = lax.dot_general(left, g, dn, precision=precision, preferred_element_type=dtype)
-    order = order_b
+    left, perm, right, s_right, order = o, perm_o, g, s_in_g, order_b
+  if perm != sorted(perm):
+    left = jnp.transpose(left, perm)
+  k = len(s_right)  # The summed axes, now trailing on the left.
+  dn = ((tuple(range(left.ndim - k, left.ndim)), tuple(s_right)), ((), ()))
+  out = lax.dot_general(left, right, dn, precision=precision, preferred_element_type=dtype)
   if order != sorted(order):
     out = jnp.transpose(out, np.argsort(order))
   return out.astype(x.dtype)
