@@ -104,6 +104,11 @@ def main():
       "load_checkpoint": ["--scale", "0.05" if quick else "1.0"],
       "input_pipeline": ["--batches", "5", "--num_images", "64"] if quick else [],
   }
+  if args.from_logs:
+    missing = [n for n in only if not pathlib.Path(args.from_logs, f"{n}.log").is_file()]
+    if missing:
+      parser.error(f"--from_logs {args.from_logs}: no {', '.join(m + '.log' for m in missing)} "
+                   "(written by --logs); pick the benchmarks with --only")
   load_before = os.getloadavg()
   started = datetime.datetime.now(datetime.timezone.utc)
   results, raw, secs = {}, {}, {}

@@ -107,3 +107,7 @@ def test_run_all_rejects_unknown_benchmarks(tmp_path):
                         text=True, timeout=120)
   assert proc.returncode == 2 and "unknown benchmark(s) ['nope']" in proc.stderr
   assert not (tmp_path / "R.md").exists()
+  proc = subprocess.run([sys.executable, "bench/run_all.py", "--from_logs", str(tmp_path),
+                         "--out", str(tmp_path / "R.md")], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2 and "no train_step.log" in proc.stderr, proc.stderr
