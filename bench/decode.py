@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import paligemma_pair as pair  # noqa: E402  pylint: disable=g-import-not-at-top
+import xprof  # noqa: E402  pylint: disable=g-import-not-at-top
 
 PROMPT_LEN = 16
 
@@ -58,6 +59,9 @@ def main():
   parser.add_argument("--hf_attn", default="auto", choices=("auto", "eager", "sdpa"))
   parser.add_argument("--hf_cache", default="auto", choices=("auto", "dynamic", "static"))
   parser.add_argument("--skip_ref", action="store_true")
+  parser.add_argument("--profile", default=None,
+                      help="folder: trace one more of our calls (jax profiler, CPU) and report "
+                      "the heaviest ops, per decoding step")
   args = parser.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -153,7 +157,8 @@ def main():
     return round(value / dt, 4) if dt > 0 else None
   ours_dec = med["ours"] - med["ours_1"]
   result = {"bench": "decode", "device": args.device, "batch_size": b, "prompt_len": PROMPT_LEN,
-            "new_tokens": m, "vocab": pair.vocab_size(cfg), "ours_s": round(med["ours"], 4),
+            "new_tokens": m, "vocab": pair.vocab_size(cfg), "llm_width": llm_width(cfg),
+            "ours_s": round(med["ours"], 4),
             "ours_runs_s": [round(x, 3) for x in times["ours"]],
             "ours_prefill_s": round(med["ours_1"], 4),
             "ours_tok_s": round(b * m / med["ours"], 2),
@@ -175,6 +180,12 @@ def main():
         ratio_prefill=round(med["ref_1"] / med["ours_1"], 3),
         ref_step_s=round(ref_dec / (m - 1), 4),
         ref_weight_gb_per_s=per_decode(ref_dec, llm_bytes * (m - 1) / 1e9))
+  if args.profile:
+    try:
+      result["profile"] = profile_decode(decoder, ours, m, args.profile)
+    except Exception as e:  # pylint: disable=broad-except  (the timings above still count)
+      result["profile_error"] = f"{type(e).__name__}: {e}"
+      print(f"--profile failed: {result['profile_error']}", file=sys.stderr, flush=True)
   result["machine"] = pair.machine_info()
   print(f"ours {med['ours']:.3f} s end to end, {result['ours_decode_tok_s']} tok/s after "
         "prefill" + (f"; transformers {med['ref']:.3f} s, {result['ref_decode_tok_s']} "
@@ -182,6 +193,38 @@ def main():
                      f"{result['ratio']}x after prefill, {result['ratio_end_to_end']:.2f}x "
                      "end to end" if "ref" in times else ""), flush=True)
   print(json.dumps(result))
+
+
+def llm_width(cfg) -> int:
+  from big_vision_lite.models import paligemma  # pylint: disable=g-import-not-at-top
+  return paligemma.resolve_config(cfg)["llm"]["width"]
+
+
+def profile_decode(decoder, ours, new_tokens: int, folder: str) -> dict:
+  """xprof.profile of one `new_tokens` call; each op also gets its seconds per decoding step
+  (ops inside the loop run once per step after the first token, or a multiple of that)."""
+  compiled = {}
+  make_fn = decoder._fn  # pylint: disable=protected-access
+
+  def spy(st):  # The HLO of exactly the executable that decode() runs.
+    fn = make_fn(st)
+
+    def call(*args):
+      compiled.setdefault("hlo", fn.lower(*args).compile().as_text())
+      return fn(*args)
+    return call
+  decoder._fn = spy  # pylint: disable=protected-access
+  try:
+    ours()
+  finally:
+    decoder._fn = make_fn  # pylint: disable=protected-access
+  prof = xprof.profile(ours, lambda x: x, compiled["hlo"], folder, top=16)
+  steps = new_tokens - 1
+  for op in prof["ops"]:
+    if steps and op["calls"] >= steps and op["calls"] % steps == 0:
+      op["ms_per_step"] = round(op["s"] / steps * 1e3, 2)
+  prof["steps"] = steps
+  return prof
 
 
 if __name__ == "__main__":

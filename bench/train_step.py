@@ -29,14 +29,13 @@ import argparse
 import contextlib
 import json
 import os
-import pathlib
-import re
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import paligemma_pair as pair  # noqa: E402  pylint: disable=g-import-not-at-top
+import xprof  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def our_step(cfg, params, batch_size, text_len, ablations=()):
@@ -117,71 +116,6 @@ def _ablated(name: str):
   finally:
     optim._token_xent, matmul._use_custom = saved  # pylint: disable=protected-access
     jax.clear_caches()
-
-
-# Ops of an XLA CPU profile, by what they spend time on.
-_CONTAINERS = ("ThunkExecutor", "SlinkyThreadPool", "while", "conditional", "call")
-
-
-def _matmul_instructions(hlo_text: str) -> set[str]:
-  """Names of the instructions that are, or fuse, a dot / convolution (e.g. "ynn_fusion.3")."""
-  comps, calls, current = {}, {}, None
-  for line in hlo_text.splitlines():
-    if line and not line.startswith(" ") and "{" in line and "(" in line:
-      current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
-      comps[current] = False
-    elif " = " in line and current is not None:
-      name = line.split(" = ")[0].split()[-1].lstrip("%")
-      body = line.split(" = ", 1)[1]
-      if re.search(r"\b(dot|convolution)\(", body):
-        comps[current] = True
-        calls[name] = None
-      for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", body):
-        calls.setdefault(name, callee)
-  return {n for n, c in calls.items() if c is None or comps.get(c, False)}
-
-
-def profile_step(run, sync, hlo_text: str, folder: str) -> dict:
-  """Traces one step; returns thread-seconds per category and the step's wall time.
-
-  matmul: dots and convolutions (and fusions around them); fill: broadcasts of a constant
-  (zero-initialised buffers, e.g. of scan residuals); copy: copies, transposes and
-  (dynamic-)slice / update-slice data movement; other: elementwise and reductions.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  matmuls = _matmul_instructions(hlo_text)
-  jax.profiler.start_trace(folder)
-  t0 = time.perf_counter()
-  sync(run())
-  wall = time.perf_counter() - t0
-  jax.profiler.stop_trace()
-  files = sorted(pathlib.Path(folder).rglob("*.xplane.pb"), key=lambda f: f.stat().st_mtime)
-  data = jax.profiler.ProfileData.from_file(str(files[-1]))
-  cats = {"matmul": 0.0, "copy": 0.0, "fill": 0.0, "other": 0.0}
-  top = {}
-  for plane in data.planes:
-    for line in plane.lines:
-      if "XLA" not in line.name and "PjRt" not in line.name:
-        continue
-      for ev in line.events:
-        name = ev.name
-        if name.startswith(_CONTAINERS) or " " in name:
-          continue
-        sec = ev.duration_ns / 1e9
-        if name in matmuls:
-          cat = "matmul"
-        elif name.startswith("wrapped_broadcast"):
-          cat = "fill"
-        elif re.search(r"copy|transpose|slice|concatenate|pad", name):
-          cat = "copy"
-        else:
-          cat = "other"
-        cats[cat] += sec
-        top[name] = top.get(name, 0.0) + sec
-  total = sum(cats.values())
-  return {"wall_s": round(wall, 3), "op_thread_s": round(total, 3),
-          "fractions": {k: round(v / total, 3) for k, v in cats.items()},
-          "top_ops": {k: round(v, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:8]}}
 
 
 def ref_step(cfg, model, batch_size, text_len, device):
@@ -350,7 +284,7 @@ def main():
                                                          times["ours"]), 3)}
         for name in ablations}
   if args.profile:
-    result["profile"] = profile_step(ours, sync_jax, hlo_text, args.profile)
+    result["profile"] = xprof.profile(ours, sync_jax, hlo_text, args.profile)
   result["machine"] = pair.machine_info()
   print(f"ours {ours_s:.3f} s/step"
         + (f", transformers {result['ref_s']:.3f} s/step ({ref_choice}), ratio "

@@ -45,15 +45,22 @@ def test_train_step_bench_same_loss_and_gradients_as_transformers(tmp_path):
 
 
 @pytest.mark.slow
-def test_decode_bench_same_tokens_as_transformers_generate():
-  r = _bench("decode.py", "--model", TINY, "--runs", "1", "--new_tokens", "6")
-  assert r["bench"] == "decode" and r["new_tokens"] == 6
+def test_decode_bench_same_tokens_as_transformers_generate(tmp_path):
+  r = _bench("decode.py", "--model", TINY, "--runs", "1", "--new_tokens", "6", "--profile",
+             str(tmp_path / "trace"))
+  assert r["bench"] == "decode" and r["new_tokens"] == 6 and r["llm_width"] == 64
   assert r["tokens_equal_fraction"] == 1.0 and r["rows_equal"] == 8, r
   assert r["ratio_end_to_end"] > 0 and r["ours_tok_s"] > 0 and r["ref_tok_s"] > 0
   # After-prefill rates are differences of two timings: None, never negative, when a tiny
   # model's 1-token call is not faster than the 6-token one.
   for key in ("ratio", "ours_decode_tok_s", "ref_decode_tok_s"):
     assert r[key] is None or r[key] > 0, (key, r)
+  # The profile names each heavy op's jax origin; the logits product runs once per step.
+  prof = r["profile"]
+  assert prof["steps"] == 5 and abs(sum(prof["fractions"].values()) - 1) < 0.01
+  logits = [op for op in prof["ops"] if "llm.logits" in op["what"] and "Model.extend" in op["what"]]
+  assert logits and logits[0]["calls"] == 5 and logits[0]["matmul"], prof["ops"]
+  assert logits[0]["ms_per_step"] > 0
 
 
 def test_bad_model_override_names_the_flag():
@@ -99,6 +106,41 @@ def test_run_all_renders_results_from_logs(tmp_path):
   assert "| greedy decode | failed (see below) |" in text
   assert "## decode: no result" in text and "KeyError: 'x'" in text
   assert "- cpu: Test CPU" in text
+
+
+def test_run_all_renders_the_decode_profile(tmp_path):
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  ops = [
+      {"name": "ynn_fusion.36", "s": 1.24, "calls": 31, "matmul": True, "ms_per_step": 40.0,
+       "what": "Model.extend/llm.logits/...D,VD->...V/dot_general"},
+      {"name": "slice_bitcast_fusion.3", "s": 0.186, "calls": 186, "matmul": False,
+       "ms_per_step": 6.0, "what": "Model.extend/llm.extend/layers/slice"},
+      {"name": "ynn_fusion.25", "s": 0.31, "calls": 186, "matmul": True, "ms_per_step": 10.0,
+       "what": "Model.extend/llm.extend/layers/BTD,DF->BTF/dot_general"},
+      {"name": "ynn_fusion.41", "s": 0.5, "calls": 1, "matmul": True,
+       "what": "Model.prefill/img/embedding/conv_general_dilated"},
+  ]
+  dc = {"bench": "decode", "device": "cpu", "batch_size": 8, "prompt_len": 16, "new_tokens": 32,
+        "vocab": 257152, "llm_width": 512, "ours_s": 4.0, "ours_runs_s": [4.0],
+        "ours_prefill_s": 1.5, "ours_tok_s": 64.0, "ours_decode_tok_s": 100.0, "ours_steps": 32,
+        "compile_s": 20.0, "llm_weight_gb": 0.69, "read_gb_per_s": 25.0, "ours_step_s": 0.08,
+        "ours_weight_gb_per_s": 8.6, "profile": {"wall_s": 4.1, "op_thread_s": 6.0,
+        "fractions": {"matmul": 0.7, "copy": 0.2, "fill": 0.0, "other": 0.1},
+        "top_ops": {}, "ops": ops, "steps": 31}, "machine": {"cpu": "Test CPU", "cores": 2}}
+  (logs / "decode.log").write_text(json.dumps(dc) + "\n")
+  out = tmp_path / "R.md"
+  proc = subprocess.run([sys.executable, "bench/run_all.py", "--only", "decode", "--from_logs",
+                         str(logs), "--out", str(out)], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  text = out.read_text()
+  # Per-step rows only (the prefill's conv runs once), with their jax origin.
+  assert "| `ynn_fusion.36` | Model.extend/llm.logits/...D,VD->...V/dot_general | 40.00 |" in text
+  assert "ynn_fusion.41" not in text
+  # 8 x 257152 x 512 float32 table: 0.53 GB in 40 ms = 13.2 GB/s, 53 GFLOP/s.
+  assert "takes 40.0 ms per step in the trace: 0.53 GB of table at 13.2 GB/s, 53 GFLOP/s" in text
+  assert "The layers' matmuls take 10.0 ms per step" in text and "(6.0 ms: the" in text
 
 
 def test_run_all_rejects_unknown_benchmarks(tmp_path):
