@@ -2,6 +2,7 @@
 
   python bench/decode.py                    # CPU, the shapes, float32
   python bench/decode.py --device gpu       # PaliGemma 3B shapes, bfloat16, CUDA
+  python bench/decode.py --profile /tmp/tr  # + the heaviest ops per decoding step (CPU)
 
 The same random model in both (bench/paligemma_pair.py), a batch of 8 images (224 px) with
 16-token prompts (bos + 14 + "\\n", no padding), 32 new tokens, greedy. One timed call

@@ -13,6 +13,10 @@ Measured (full, 2026-11-27, 2 cores): 7m10s; model / blank images: caption CIDEr
 VQA accuracy 0.43 / 0.33, detection AP50 0.014 / 0.010, segmentation mIoU 0.065 / 0.063.
 The model reads the image for captions and, partly, for VQA, but does not localise yet: its
 boxes follow the prompt's object order and count, not the image (an open problem).
+Measured on detection-only training (600-3000 steps): the loss on every <loc> slot equals
+the blank-image loss to 0.01 nats, also with a frozen random ViT or a zero-init projector;
+the LLM's attention from the box tokens to the image is spread evenly or sinks on one image
+token, and the projector's output turns near-constant across images.
 """
 from configs import common
 from big_vision_lite.data import demo
