@@ -359,9 +359,9 @@ def decode_profile(dc: dict) -> list[str]:
   layer_mm = sum(op["ms_per_step"] for op in per_step
                  if op["matmul"] and "/layers/" in op["what"])
   out.append("")
-  if logits and dc["device"] == "cpu":
-    table_gb = dc["vocab"] * dc.get("llm_width", 0) * 4 / 1e9
-    gflops = 2 * dc["batch_size"] * dc["vocab"] * dc.get("llm_width", 0) / (
+  if logits and dc["device"] == "cpu" and dc.get("llm_width"):
+    table_gb = dc["vocab"] * dc["llm_width"] * 4 / 1e9
+    gflops = 2 * dc["batch_size"] * dc["vocab"] * dc["llm_width"] / (
         logits["ms_per_step"] / 1e3) / 1e9
     out.append(
         f"- The logits product ({dc['batch_size']} rows x the {dc['vocab']}-row table) takes "
@@ -375,7 +375,7 @@ def decode_profile(dc: dict) -> list[str]:
         f"- The layers' matmuls take {layer_mm:.1f} ms per step over their weights (the same "
         f"thin {dc['batch_size']}-row shape), and the scan over layers copies each layer's "
         f"weights out of the stacked [depth, ...] arrays every step ({slices:.1f} ms: the "
-        "'slice' ops above). Both were measured against alternatives on this CPU (a 6-layer "
+        "'slice' ops above). The copies were measured against alternatives on this CPU (a 6-layer "
         "[8 x 512] x [512 x 4096] GeGLU chain in a 31-step loop, 2026-11-27): an unrolled "
         "layer loop, or separate per-layer arrays with no slicing, ran 1.3-2x slower than "
         "the scan, so the copies stay.")
