@@ -87,6 +87,16 @@ def _train_result(device: str) -> dict:
       "machine": {"cpu": "Test CPU", "cores": 2, "load_avg_1m": 0.5}}
 
 
+def _render(tmp_path, logs, *args: str) -> str:
+  """RESULTS.md as run_all.py renders it from the logs in `logs` (--from_logs)."""
+  out = tmp_path / "R.md"
+  proc = subprocess.run([sys.executable, "bench/run_all.py", *args, "--from_logs", str(logs),
+                         "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  return out.read_text()
+
+
 def test_run_all_renders_results_from_logs(tmp_path):
   logs = tmp_path / "logs"
   logs.mkdir()
@@ -94,12 +104,7 @@ def test_run_all_renders_results_from_logs(tmp_path):
   (logs / "train_step.log").write_text("some stderr\nours 2.0 s/step\n" + json.dumps(result)
                                        + "\n")
   (logs / "decode.log").write_text("Traceback (most recent call last):\nKeyError: 'x'\n")
-  out = tmp_path / "R.md"
-  proc = subprocess.run([sys.executable, "bench/run_all.py", "--device", "gpu", "--from_logs",
-                         str(logs), "--out", str(out)], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
-  assert proc.returncode == 0, proc.stderr
-  text = out.read_text()
+  text = _render(tmp_path, logs, "--device", "gpu")
   assert "| train step (gpu, float32, batch 8 x text 64, vocab 257152) | 2.00 s/step" in text
   assert "**1.50x**" in text and "**45.0%** of the data-sheet 989 TFLOP/s" in text
   # A failed benchmark is reported with its output, not dropped.
@@ -129,12 +134,7 @@ def test_run_all_renders_the_decode_profile(tmp_path):
         "fractions": {"matmul": 0.7, "copy": 0.2, "fill": 0.0, "other": 0.1},
         "top_ops": {}, "ops": ops, "steps": 31}, "machine": {"cpu": "Test CPU", "cores": 2}}
   (logs / "decode.log").write_text(json.dumps(dc) + "\n")
-  out = tmp_path / "R.md"
-  proc = subprocess.run([sys.executable, "bench/run_all.py", "--only", "decode", "--from_logs",
-                         str(logs), "--out", str(out)], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
-  assert proc.returncode == 0, proc.stderr
-  text = out.read_text()
+  text = _render(tmp_path, logs, "--only", "decode")
   # Per-step rows only (the prefill's conv runs once), with their jax origin.
   assert "| `ynn_fusion.36` | Model.extend/llm.logits/...D,VD->...V/dot_general | 40.00 |" in text
   assert "ynn_fusion.41" not in text
