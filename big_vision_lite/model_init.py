@@ -36,6 +36,7 @@ import numpy as np
 
 from big_vision_lite import checkpoints as ckpt
 from big_vision_lite import checkpoints_config as cc
+from big_vision_lite import param_tree
 
 Params = dict[str, Any]
 LOAD_DEFAULTS = dict(only=None, skip=(), resample_posemb=True)
@@ -227,7 +228,7 @@ def _plan_load(reader: ckpt.Reader, abstract: Mapping[str, Any], report: InitRep
                model_config: Mapping[str, Any], opts: Mapping[str, Any]
                ) -> dict[str, tuple[str, list[tuple[int | None, str]]]]:
   """{stacked name: (how, [(layer, model name)])} of the params not in report.fresh."""
-  groups = ckpt._group_layers(abstract, "model params")  # pylint: disable=protected-access
+  groups = param_tree.group_layers(abstract, "model params")
   towers = {cc.tower(n) for n in abstract if n not in report.fresh}
   extra = sorted(n for n in reader.shapes if cc.tower(n) in towers and n not in groups)
   if extra:

@@ -48,6 +48,7 @@ import orbax.checkpoint as ocp
 
 from big_vision_lite import checkpoints as ckpt
 from big_vision_lite import checkpoints_config as cc
+from big_vision_lite import param_tree
 from big_vision_lite import lora as lora_lib
 from big_vision_lite.models import gemma, siglip
 
@@ -414,7 +415,7 @@ class WorkdirReader(ckpt.Reader):
       unknown = sorted(owners - set(self._flat))
       if unknown:
         raise ValueError(f"{p}/lora: adapters for {unknown}, which are not params")
-    self._groups = ckpt._group_layers(self._flat, self.path)  # pylint: disable=protected-access
+    self._groups = param_tree.group_layers(self._flat, self.path)
     self.shapes = {}
     for stacked, parts in self._groups.items():
       shape, dtype = self._flat[parts[0][1]]
