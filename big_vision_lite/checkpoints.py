@@ -57,11 +57,12 @@ class Reader:
 
   Attributes:
     path: what was opened (for error messages).
-    config: the model config inferred from the checkpoint alone.
+    config: the model config inferred from the checkpoint alone (None for an image-tower-only
+      npz, see NpzReader).
     shapes: {scanned-layout name: (shape, stored dtype)} of every parameter.
   """
   path: str
-  config: ModelConfig
+  config: ModelConfig | None
   shapes: dict[str, tuple[Shape, np.dtype]]
 
   def read(self, name: str) -> np.ndarray:
@@ -82,7 +83,11 @@ def _npy_header(zf: zipfile.ZipFile, member: str) -> tuple[Shape, np.dtype, bool
 
 
 class NpzReader(Reader):
-  """big_vision .npz: "/"-joined keys, optional "params/" prefix, scanned or per-layer layers."""
+  """big_vision .npz: "/"-joined keys, optional "params/" prefix, scanned or per-layer layers.
+
+  A file with only "img/..." params is an image-encoder checkpoint (config None): it feeds
+  model_init with model_load.only="img", not `load`.
+  """
 
   def __init__(self, path: str):
     self.path = path
@@ -124,7 +129,8 @@ class NpzReader(Reader):
                            f"{infos[0][2]}{list(infos[0][1])}; layers must agree")
       _, shape, dtype = infos[0]
       self.shapes[stacked] = ((len(parts),) + shape if parts[0][0] is not None else shape, dtype)
-    self.config = cc.config_from_shapes(self.shapes, path)
+    towers = {cc.tower(n) for n in self.shapes}
+    self.config = None if towers == {"img"} else cc.config_from_shapes(self.shapes, path)
 
   def _read_into(self, name: str, out: np.ndarray) -> None:
     """Reads one member into `out` (C-contiguous, right shape and dtype)."""
@@ -246,6 +252,9 @@ def load(path: str | os.PathLike, *, param_dtype: str | None = None, shardings: 
   """
   reader = open_checkpoint(path)
   try:
+    if reader.config is None:
+      raise ValueError(f"{path}: holds only the image tower (img/...), not a whole PaliGemma: "
+                       "load it with config.model_init and model_load.only='img'")
     overrides = {t: dict(o) if isinstance(o, Mapping) else o for t, o in overrides.items()}
     if param_dtype is not None:
       for tower in ("img", "llm"):
