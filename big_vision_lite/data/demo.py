@@ -36,6 +36,9 @@ COLOUR_NAMES = tuple(COLOURS)
 TASKS = ("caption", "vqa", "detect", "segment")
 # The demo's mask VQ-VAE, trained on these shapes by `python -m big_vision_lite.tools.demo_vqvae`.
 DEMO_VQVAE = os.path.join(os.path.dirname(__file__), "assets", "demo_vqvae.npz")
+# The demo's pretrained image encoder (ViT + projector of configs/demo.py at 64px, patch 16),
+# made by `python -m big_vision_lite.tools.demo_encoder`.
+DEMO_ENCODER = os.path.join(os.path.dirname(__file__), "assets", "demo_encoder.npz")
 _SPLIT_SALT = {"train": 0x7EA1, "val": 0x5A1D}
 _RADIUS = (0.10, 0.22)  # Shape radius as a fraction of the image size.
 
