@@ -1,22 +1,24 @@
-"""The embedded default: a tiny PaliGemma trained from scratch on the demo's four tasks.
+"""The embedded default: a tiny PaliGemma trained on the demo's four tasks.
 
   python train.py --config configs/demo.py --workdir runs/demo
   python train.py --config configs/demo.py:mode=smoke --workdir /tmp/demo_smoke
 
 The synthetic shapes dataset (big_vision_lite/data/demo.py) needs no download; the demo
-tokenizer is trained on first use and the demo mask VQ-VAE ships with the repository.
-args: mode = full (the README's main job: 7-8 minutes on 2 free CPU cores, final evaluation
+tokenizer is trained on first use. Two small models ship with the repository
+(big_vision_lite/data/assets/): the mask VQ-VAE (tools/demo_vqvae.py) and, as PaliGemma starts
+from a pretrained SigLIP, the image encoder (ViT + projector, pretrained for 80 s on the demo's
+training scenes by tools/demo_encoder.py, whose docstring says why). The LLM starts from scratch.
+args: mode = full (the README's main job: 6-8 minutes on 2 free CPU cores, final evaluation
 and blank-image baseline included) | smoke (tests: seconds); res = image size in pixels;
-patch = ViT patch size in pixels.
+patch = ViT patch size in pixels; encoder = pretrained (the shipped one: patch 16, another
+res resamples its position embedding) | scratch (the image tower from scratch too).
 
-Measured (full, 2026-11-27, 2 cores): 7m10s; model / blank images: caption CIDEr 1.88 / 0.47,
-VQA accuracy 0.43 / 0.33, detection AP50 0.014 / 0.010, segmentation mIoU 0.065 / 0.063.
-The model reads the image for captions and, partly, for VQA, but does not localise yet: its
-boxes follow the prompt's object order and count, not the image (an open problem).
-Measured on detection-only training (600-3000 steps): the loss on every <loc> slot equals
-the blank-image loss to 0.01 nats, also with a frozen random ViT or a zero-init projector;
-the LLM's attention from the box tokens to the image is spread evenly or sinks on one image
-token, and the projector's output turns near-constant across images.
+Measured (full, 2026-11-28, 2 cores, 6m05s); model / blank images: caption CIDEr 1.83 / 0.41,
+VQA accuracy 0.41 / 0.30, detection AP50 0.186 / 0.001 (mAP 0.056 / 0.000), segmentation mIoU
+0.286 / 0.035. With encoder=scratch (2026-11-27, then with twice the caption and VQA examples)
+the model read the image for captions (CIDEr 1.88 / 0.47) but did not localise (AP50
+0.014 / 0.010, mIoU 0.065 / 0.063): from step 50 on, the loss on <loc> tokens was the same
+for real and blank images; the LLM learned to ignore an image tower with no usable positions.
 """
 from configs import common
 from big_vision_lite.data import demo
@@ -30,17 +32,32 @@ MAX_DECODE_LEN = dict(caption=16, vqa=4, detection=20, segmentation=24)
 _VAL_SPLIT = dict(caption="caption", vqa="vqa", detection="detect", segmentation="segment")
 # steps, batch size, validation examples per task; every mode has the same model.
 _MODES = dict(full=(3000, 16, 256), smoke=(20, 8, 16))
-# Twice as many caption and VQA examples as detection and segmentation ones: captions are
-# where a from-scratch model first learns to read the image (measured: a caption-only run
-# beats blank images within 400 steps; the equal four-task mix showed none in 800).
-_TASK_WEIGHTS = dict(caption=2.0, vqa=2.0, detect=1.0, segment=1.0)
-_LLM_WIDTH = 192
+# Twice as many detection and segmentation examples as caption and VQA ones: boxes are the
+# slowest to learn (measured, 1500 steps: detection AP50 0.18 with this mix; the reverse mix,
+# 3000 steps, 0.02), captions and answers come quickly from the pretrained encoder.
+_TASK_WEIGHTS = dict(caption=1.0, vqa=1.0, detect=2.0, segment=2.0)
+LLM_WIDTH = 192
+_ENCODER_PATCH = 16  # The patch size of the shipped encoder (data/assets/demo_encoder.npz).
+
+
+def image_tower(res: int = 64, patch: int = 16) -> dict:
+  """config.model.img of the demo (also what tools/demo_encoder.py pretrains)."""
+  return dict(patch_size=(patch, patch), width=128, depth=3, mlp_dim=384, num_heads=4,
+              image_size=res, head_zeroinit=False, scan=True)
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, mode="full", res=64, patch=16)
+  a = common.parse_arg(arg, mode="full", res=64, patch=16, encoder="pretrained")
   if a.mode not in _MODES:
     raise ValueError(f"configs/demo.py: mode must be one of {sorted(_MODES)}, got {a.mode!r}")
+  if a.encoder not in ("pretrained", "scratch"):
+    raise ValueError(f"configs/demo.py: encoder must be 'pretrained' or 'scratch', got "
+                     f"{a.encoder!r}")
+  if a.encoder == "pretrained" and a.patch != _ENCODER_PATCH:
+    raise ValueError(f"configs/demo.py: the shipped encoder ({demo.DEMO_ENCODER}) has patch "
+                     f"{_ENCODER_PATCH}, not {a.patch}: pass encoder=scratch, or pretrain one with "
+                     f"python -m big_vision_lite.tools.demo_encoder --patch {a.patch} --out FILE "
+                     "and set --config.model_init=FILE")
   if a.res % a.patch:
     raise ValueError(f"configs/demo.py: res={a.res} is not a multiple of patch={a.patch}")
   steps, batch, n_val = _MODES[a.mode]
@@ -60,16 +77,18 @@ def get_config(arg=None):
   c.input.shuffle_buffer_size = 100_000
   c.tokenizer = "demo"
   c.vqvae = "demo"
+  if a.encoder == "pretrained":  # The image tower starts pretrained (other sizes: resampled).
+    c.model_init = demo.DEMO_ENCODER
+    c.model_load.only = "img"
 
   c.model = dict(
-      img=dict(patch_size=(a.patch, a.patch), width=128, depth=3, mlp_dim=384, num_heads=4,
-               image_size=a.res, head_zeroinit=False, scan=True),
+      img=image_tower(a.res, a.patch),
       # Token embeddings start at unit RMS after Gemma's x sqrt(width), like the image tokens.
       # With big_vision's 0.01 they are 7x smaller: attention outputs (mostly the 16 image
       # tokens' values) drown each text token's identity, and training makes the image
       # tokens constant (the ViT collapses, the model ignores the image).
-      llm=dict(vocab_size=1664, width=_LLM_WIDTH, depth=3, mlp_dim=512, num_heads=3,
-               num_kv_heads=1, head_dim=64, scan=True, embed_init_std=_LLM_WIDTH ** -0.5),
+      llm=dict(vocab_size=1664, width=LLM_WIDTH, depth=3, mlp_dim=512, num_heads=3,
+               num_kv_heads=1, head_dim=64, scan=True, embed_init_std=LLM_WIDTH ** -0.5),
   )
   c.sharding_rules = "replicate"
   c.optax_name = "adam"

@@ -5,7 +5,7 @@ from configs import demo
 
 def get_config(arg=None):
   a = common.parse_arg(arg, steps=8, ckpt=4, lr=1e-3, evals=False)
-  c = demo.get_config("mode=smoke,res=32")
+  c = demo.get_config("mode=smoke,res=32,encoder=scratch")  # A smaller tower than the shipped one.
   c.total_steps = a.steps
   c.ckpt_steps = a.ckpt
   c.log_steps = 2
