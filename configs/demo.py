@@ -55,9 +55,10 @@ def get_config(arg=None):
                      f"{a.encoder!r}")
   if a.encoder == "pretrained" and a.patch != _ENCODER_PATCH:
     raise ValueError(f"configs/demo.py: the shipped encoder ({demo.DEMO_ENCODER}) has patch "
-                     f"{_ENCODER_PATCH}, not {a.patch}: pass encoder=scratch, or pretrain one with "
-                     f"python -m big_vision_lite.tools.demo_encoder --patch {a.patch} --out FILE "
-                     "and set --config.model_init=FILE")
+                     f"{_ENCODER_PATCH}, not {a.patch}: pass encoder=scratch (and, for a pretrained "
+                     f"tower, make one with python -m big_vision_lite.tools.demo_encoder --patch "
+                     f"{a.patch} --out FILE, then add --config.model_init=FILE "
+                     "--config.model_load.only=img)")
   if a.res % a.patch:
     raise ValueError(f"configs/demo.py: res={a.res} is not a multiple of patch={a.patch}")
   steps, batch, n_val = _MODES[a.mode]

@@ -4,20 +4,23 @@
 
 PaliGemma starts from a pretrained SigLIP encoder; the demo starts from this one. The shipped
 file (data/assets/demo_encoder.npz, loaded by configs/demo.py with model_load.only="img") was
-made with this command, so the demo never trains it at run time; rerun it after changing the
-demo's shapes or its image tower.
+made with this command (2000 steps, 80 s on 2 cores; on 512 validation scenes: presence
+accuracy 0.97, kind 0.24, colour 0.91, box error 4.2 pixels of 64), so the demo never trains
+it at run time; rerun it after changing the demo's shapes or its image tower.
 
 Why a stage 0 (measured on 2 cores, 2026-11-28): trained from scratch inside the demo, the
 ViT never learned where objects are. Its tokens carry position only through the learned
-position embedding (init N(0, 1/width), 5x weaker than the patch content), and every
-readout the LLM has pools tokens (attention); with such pooled readouts the encoder learns
-no position in 600-1000 steps while a readout with one weight per token learns it in 100.
+position embedding (init N(0, 1/width): RMS 0.09 vs 0.31 for the patch content), and every
+readout the LLM has pools tokens (attention). Probes on the encoder alone, predicting the
+first object's top edge: through a pooled readout (mean or attention) it learned nothing in
+600 steps, while a readout with its own weights per token learned the coarse row in 100.
 Within PaliGemma the LLM meanwhile learns to ignore the image (the <loc> loss on real images
-equals the blank-image loss from step 50 on). Here the encoder learns, for each of the demo's
-object kinds, "is it there, what colour, where is its box" from the mean of its tokens: a
-pooled readout, so the position has to live in the tokens, where the LLM can read it.
-The position embedding starts as a 2D sin-cos table of RMS `POSEMB_RMS`, strong enough that
-pooled position features appear within a few hundred steps (at N(0, 1/width) none did).
+equals the blank-image loss from step 50 on). Here the encoder learns to parse the scene
+from the mean of its tokens (for each object, left to right as detection lists them: is it
+there, its kind, its colour, its box): a pooled readout, so positions have to live in the
+tokens, where the LLM can read them. The position embedding starts as a 2D sin-cos table of
+RMS `POSEMB_RMS`, with which pooled position features appear within a few hundred steps
+(from N(0, 1/width) none did in 600).
 """
 import argparse
 import os
@@ -188,6 +191,8 @@ def main(argv=None):
   parser.add_argument("--res", type=int, default=64, help="image size (configs/demo.py res)")
   parser.add_argument("--patch", type=int, default=16, help="patch size (configs/demo.py patch)")
   args = parser.parse_args(argv)
+  if args.patch <= 0 or args.res % args.patch:
+    parser.error(f"--res {args.res} must be a multiple of --patch {args.patch}")
   img = dict(demo_config.image_tower(res=args.res, patch=args.patch),
              num_classes=demo_config.LLM_WIDTH)
   params, metrics = pretrain(img, steps=args.steps)
