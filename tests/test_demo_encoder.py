@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 
 from big_vision_lite import checkpoints
+from big_vision_lite import checkpoints_config as cc
 from big_vision_lite import model_init
 from big_vision_lite import param_tree
 from big_vision_lite.data import demo
 from big_vision_lite.models import paligemma
+from big_vision_lite.models import siglip
 from big_vision_lite.tools import demo_encoder as enc
 from configs import demo as demo_config
 
@@ -102,7 +104,6 @@ def test_the_shipped_encoder_fits_the_demo_config():
     assert cfg.model_init == demo.DEMO_ENCODER and cfg.model_load.only == "img"
     img = dict(cfg.model.img)
     llm_width = cfg.model.llm.width
-    from big_vision_lite import checkpoints_config as cc  # pylint: disable=g-import-not-at-top
     expected = cc.param_shapes({"img": img, "llm": dict(cfg.model.llm)})
     for name, (shape, dtype) in reader.shapes.items():
       assert expected[name] == shape, (name, shape, expected[name])
@@ -120,3 +121,34 @@ def test_demo_config_encoder_choices():
     demo_config.get_config("mode=smoke,patch=8")
   with pytest.raises(ValueError, match="encoder must be"):
     demo_config.get_config("encoder=siglip")
+
+
+def _pooled_position_r2(img_params) -> float:
+  """R^2 of a ridge fit (fit on 384 val scenes, scored on 128 more) from the mean image token
+  to the first object's box centre (y, x): how much position a pooled readout can see."""
+  batch = next(enc.batches("val", 64, 512))
+  vit = siglip.ViT(**demo_config.image_tower(), num_classes=demo_config.LLM_WIDTH)
+  tokens, _ = jax.jit(vit.apply)({"params": img_params}, jnp.asarray(batch["image"]))
+  x = np.asarray(tokens).mean(axis=1)
+  x = np.concatenate([(x - x[:384].mean(0)) / (x[:384].std(0) + 1e-6), np.ones((512, 1))], 1)
+  box = batch["box"][:, 0].astype(np.float64)
+  y = np.stack([box[:, 0] + box[:, 2], box[:, 1] + box[:, 3]], axis=1) / 2
+  w = np.linalg.solve(x[:384].T @ x[:384] + 10.0 * np.eye(x.shape[1]), x[:384].T @ y[:384])
+  err = ((x[384:] @ w - y[384:]) ** 2).mean(0)
+  return float(np.mean(1.0 - err / y[384:].var(0)))
+
+
+def test_the_shipped_encoder_pools_to_positions():
+  """What the stage 0 is for: the mean of the shipped encoder's tokens tells where the first
+  object is (a linear fit); the same tower freshly initialised does not. Measured: R^2 0.96
+  vs -0.005."""
+  reader = checkpoints.open_checkpoint(demo.DEMO_ENCODER)
+  try:
+    flat = {name: reader.read(name) for name in reader.shapes}
+  finally:
+    reader.close()
+  shipped = param_tree.unflatten(flat)["img"]
+  vit = siglip.ViT(**demo_config.image_tower(), num_classes=demo_config.LLM_WIDTH)
+  fresh = vit.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  r2_shipped, r2_fresh = _pooled_position_r2(shipped), _pooled_position_r2(fresh)
+  assert r2_shipped > 0.8 and r2_fresh < 0.3, (r2_shipped, r2_fresh)
