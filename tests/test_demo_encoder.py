@@ -71,6 +71,8 @@ def test_pretrain_saves_an_encoder_that_model_init_loads(tmp_path):
   assert set(metrics) == {"presence_accuracy", "kind_accuracy", "colour_accuracy",
                           "box_error_pixels"}
   assert all(np.isfinite(v) for v in metrics.values()), metrics
+  with pytest.raises(ValueError, match="steps must be >= 1"):
+    enc.pretrain(img, steps=0)
   path = str(tmp_path / "enc.npz")
   enc.save(path, params)
   with pytest.raises(ValueError, match="only the image tower"):
@@ -123,11 +125,10 @@ def test_demo_config_encoder_choices():
     demo_config.get_config("encoder=siglip")
 
 
-def _pooled_position_r2(img_params) -> float:
+def _pooled_position_r2(vit, img_params) -> float:
   """R^2 of a ridge fit (fit on 384 val scenes, scored on 128 more) from the mean image token
   to the first object's box centre (y, x): how much position a pooled readout can see."""
   batch = next(enc.batches("val", 64, 512))
-  vit = siglip.ViT(**demo_config.image_tower(), num_classes=demo_config.LLM_WIDTH)
   tokens, _ = jax.jit(vit.apply)({"params": img_params}, jnp.asarray(batch["image"]))
   x = np.asarray(tokens).mean(axis=1)
   x = np.concatenate([(x - x[:384].mean(0)) / (x[:384].std(0) + 1e-6), np.ones((512, 1))], 1)
@@ -150,5 +151,5 @@ def test_the_shipped_encoder_pools_to_positions():
   shipped = param_tree.unflatten(flat)["img"]
   vit = siglip.ViT(**demo_config.image_tower(), num_classes=demo_config.LLM_WIDTH)
   fresh = vit.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
-  r2_shipped, r2_fresh = _pooled_position_r2(shipped), _pooled_position_r2(fresh)
+  r2_shipped, r2_fresh = _pooled_position_r2(vit, shipped), _pooled_position_r2(vit, fresh)
   assert r2_shipped > 0.8 and r2_fresh < 0.3, (r2_shipped, r2_fresh)

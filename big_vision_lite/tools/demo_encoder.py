@@ -25,7 +25,6 @@ RMS `POSEMB_RMS`, with which pooled position features appear within a few hundre
 """
 import argparse
 import os
-import tempfile
 import time
 
 import flax.linen as nn
@@ -139,6 +138,8 @@ def evaluate(model: Pretrainer, params, batch: dict) -> dict[str, float]:
 def pretrain(img: dict, *, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
              val_examples: int = 512, log_every: int = 250, log=print) -> tuple[dict, dict]:
   """Trains the encoder; returns (its params {"img": ...}, validation metrics)."""
+  if steps < 1:
+    raise ValueError(f"demo_encoder: steps must be >= 1, got {steps}")
   model = Pretrainer(img)
   size = img["image_size"]
   grid = size // img["patch_size"][0]
@@ -167,22 +168,18 @@ def pretrain(img: dict, *, steps: int, batch_size: int = 32, lr: float = 2e-3, s
       log(f"step {s}/{steps} ({time.time() - t0:.0f}s): "
           + " ".join(f"{k}_loss={float(v):.3f}" for k, v in parts.items()) + " val: "
           + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-  return {"img": params["img"]}, evaluate(model, params, val)
+  return {"img": params["img"]}, metrics  # The last step always logs, so these are final.
 
 
 def save(path: str, params: dict) -> None:
   """Writes {"img": ...} as a big_vision .npz ("params/img/..." keys, scanned layers), which
   model_init + model_load.only="img" load into a PaliGemma of the same image tower."""
   flat = param_tree.flatten(jax.device_get(params))
-  os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz",
-                                   delete=False) as f:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"  # Renamed when complete: a reader never sees half a file.
+  with open(tmp, "wb") as f:
     np.savez(f, **{f"params/{k}": np.asarray(v, np.float32) for k, v in flat.items()})
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(f.name, 0o666 & ~umask)  # A shipped file, readable as any other (not mkstemp's 0600).
-  os.replace(f.name, path)
-
+  os.replace(tmp, path)
 
 def main(argv=None):
   from configs import demo as demo_config  # pylint: disable=g-import-not-at-top
@@ -194,6 +191,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.patch <= 0 or args.res % args.patch:
     parser.error(f"--res {args.res} must be a multiple of --patch {args.patch}")
+  if args.steps < 1:
+    parser.error(f"--steps must be >= 1, got {args.steps}")
   img = dict(demo_config.image_tower(res=args.res, patch=args.patch),
              num_classes=demo_config.LLM_WIDTH)
   params, metrics = pretrain(img, steps=args.steps)
