@@ -41,7 +41,7 @@ def main(argv):
   # pylint: disable=g-import-not-at-top  (XLA_FLAGS must be set before jax initialises)
   import jax
   import numpy as np
-  from big_vision_lite import sharding, train_lib
+  from big_vision_lite import optim, sharding, train_lib
   from big_vision_lite import train_step as ts
 
   config = FLAGS.config
@@ -74,7 +74,8 @@ def main(argv):
   step_fn = ts.make_train_step(
       model, tx, label_smoothing=config.label_smoothing, reduction=config.loss_reduction,
       grad_accum_steps=config.grad_accum_steps, lora=lora, micro_batch_sharding=data_sharding,
-      lr_fn=next(iter(lr_fns.values())) if len(lr_fns) == 1 else None)
+      lr_fn=next(iter(lr_fns.values())) if len(lr_fns) == 1 else None,
+      frozen=optim.frozen_mask(config, abstract_state["lora" if lora else "params"]))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   train_step = jax.jit(step_fn, in_shardings=(state_shardings, data_sharding, replicated),
                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))

@@ -227,6 +227,35 @@ def _lr_wd_schedule(lr: Any, wd: Any, group: Any, fns: Sequence[Callable]):
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _schedule_rules(schedule: Any, flat_names: Sequence[str]
+                    ) -> tuple[list[tuple[str, Any]], Callable[[str], int]]:
+  """config.schedule -> (rules [(regex, dict | None)], name -> index of its rule); every
+  param name must match a rule."""
+  if isinstance(schedule, (list, tuple)):
+    rules = [tuple(r) for r in schedule]
+  else:
+    rules = [(".*", schedule)]
+  which = _first_match(rules, "config.schedule")
+  uncovered = [n for n in flat_names if which(n) is None]
+  if uncovered:
+    raise ValueError(f"config.schedule matches no rule for params {uncovered}: every param "
+                     "needs a schedule (use None to freeze)")
+  return rules, which
+
+
+def frozen_mask(config: Any, params: Any) -> Any:
+  """Pytree of bool like `params`: True where config.schedule freezes the param (None).
+
+  The train step drops those gradients (make_train_step's `frozen`), so XLA never computes
+  them; the optimizer of `make_optimizer` gives them a zero update either way.
+  """
+  if "schedule" not in config:
+    raise ValueError("optimizer config is missing the key 'schedule'")
+  names = _names(params)
+  rules, which = _schedule_rules(config["schedule"], jax.tree.leaves(names))
+  return jax.tree.map(lambda n: rules[which(n)][1] is None, names)
+
+
 def make_optimizer(config: Any, params: Any, *, total_steps: int | None = None
                    ) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
   """Builds the optax transformation described in the module docstring.
@@ -255,12 +284,7 @@ def make_optimizer(config: Any, params: Any, *, total_steps: int | None = None
 
   schedule = get("schedule")
   single = not isinstance(schedule, (list, tuple))
-  rules = [(".*", schedule)] if single else [tuple(r) for r in schedule]
-  which = _first_match(rules, "config.schedule")
-  uncovered = [n for n in flat_names if which(n) is None]
-  if uncovered:
-    raise ValueError(f"config.schedule matches no rule for params {uncovered}: every param "
-                     "needs a schedule (use None to freeze)")
+  rules, which = _schedule_rules(schedule, flat_names)
   active = [i for i, (_, s) in enumerate(rules) if s is not None]
   fns = [make_schedule(total_steps, **_as_dict(rules[i][1])) for i in active]
   frozen = jax.tree.map(lambda n: rules[which(n)][1] is None, names)

@@ -52,16 +52,19 @@ def make_loss_fn(model, *, label_smoothing: float, reduction: str, lora: Mapping
 def make_train_step(model, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0,
                     reduction: str = "per_example", grad_accum_steps: int = 1,
                     lora: Mapping | None = None, micro_batch_sharding=None,
-                    lr_fn: Callable | None = None) -> Callable:
+                    lr_fn: Callable | None = None, frozen: Any = None) -> Callable:
   """Returns step(state, batch, rng) -> (state, metrics); jit it with shardings.
 
   With `micro_batch_sharding` (a NamedSharding of the batch), the model's activations are
-  constrained to the same batch split (the "act_batch" logical axis).
+  constrained to the same batch split (the "act_batch" logical axis). `frozen`
+  (optim.frozen_mask of the optimized tree: the params, or the LoRA adapters) marks leaves
+  that never change: their gradients are never computed (XLA drops the backward pass that
+  only they need), the grad_norm metric leaves them out and their values pass through.
   """
+  args = (model, tx, label_smoothing, reduction, grad_accum_steps, lora)
   if micro_batch_sharding is None:
-    return _step_fn(model, tx, label_smoothing, reduction, grad_accum_steps, lora, None, lr_fn)
-  inner = _step_fn(model, tx, label_smoothing, reduction, grad_accum_steps, lora,
-                   micro_batch_sharding, lr_fn)
+    return _step_fn(*args, None, lr_fn, frozen)
+  inner = _step_fn(*args, micro_batch_sharding, lr_fn, frozen)
   rules = [("act_batch", micro_batch_sharding.spec[0])]
   mesh = micro_batch_sharding.mesh
   abstract_mesh = getattr(mesh, "abstract_mesh", mesh)
@@ -73,7 +76,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, label_smoothing:
 
 
 def _step_fn(model, tx, label_smoothing, reduction, grad_accum_steps, lora, micro_batch_sharding,
-             lr_fn):
+             lr_fn, frozen):
   def step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array):
     batch = {k: batch[k] for k in BATCH_KEYS}
     batch["rng"] = jax.random.split(rng, batch["text"].shape[0])
@@ -82,8 +85,14 @@ def _step_fn(model, tx, label_smoothing, reduction, grad_accum_steps, lora, micr
                            lora=lora, base_params=state["params"])
     loss, grads = optim.accumulate_gradients(loss_fn, state[key], batch, grad_accum_steps,
                                              micro_batch_sharding=micro_batch_sharding)
+    if frozen is not None:  # Zeros that depend on nothing: the backward pass behind is dead.
+      grads = jax.tree.map(lambda f, g: jnp.zeros_like(g) if f else g, frozen, grads)
     updates, opt = tx.update(grads, state["opt"], state[key])
-    new_state = {**state, key: optax.apply_updates(state[key], updates), "opt": opt}
+    new_params = optax.apply_updates(state[key], updates)
+    if frozen is not None:  # Not even a pass of p + 0 over frozen weights.
+      new_params = jax.tree.map(lambda f, old, new: old if f else new, frozen, state[key],
+                                new_params)
+    new_state = {**state, key: new_params, "opt": opt}
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "update_norm": optax.tree.norm(updates),
                "tokens": jnp.sum(batch["mask_input"])}

@@ -9,6 +9,7 @@ from ml_collections import ConfigDict
 from big_vision_lite import optim, sharding
 from big_vision_lite import train_step as ts
 from big_vision_lite.models import paligemma
+from big_vision_lite.models import siglip
 
 MODEL = {"img": dict(patch_size=(8, 8), width=32, depth=2, mlp_dim=64, num_heads=2,
                      image_size=16, head_zeroinit=False),
@@ -138,3 +139,54 @@ def test_two_processes_train_like_one(tmp_path):
   for o in outs:
     np.testing.assert_allclose(o["losses"], losses, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(o["sums"], sums, rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_params_cost_no_backward_pass():
+  """A None schedule freezes the image tower but its projector: the step leaves it unchanged,
+  its gradients are left out of grad_norm, and XLA never computes them (the compiled step does
+  fewer FLOPs than the same step training everything: about the tower's backward pass)."""
+  model = paligemma.Model(**MODEL)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)),
+                      jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), jnp.int32))["params"]
+  sched = dict(decay_type="cosine", warmup_steps=1)
+  cfg = ConfigDict(dict(OPT.to_dict(), schedule=[
+      ("img/(Transformer|embedding|pos_embedding)(/.*)?", None), (".*", sched)]))
+  frozen = optim.frozen_mask(cfg, params)
+  tower = {k: v for k, v in frozen["img"].items() if k != "head"}
+  assert len(jax.tree.leaves(tower)) > 3 and all(jax.tree.leaves(tower))
+  assert not any(jax.tree.leaves(frozen["llm"])) and not any(jax.tree.leaves(
+      frozen["img"]["head"]))
+  tx, _ = optim.make_optimizer(cfg, params)
+  batch = next(batches())
+
+  def flops(fn, *args):
+    return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+  state = ts.init_state(params, tx)
+  rng = jax.random.PRNGKey(0)
+  step_all = flops(ts.make_train_step(model, tx), state, batch, rng)
+  step_frozen = flops(ts.make_train_step(model, tx, frozen=frozen), state, batch, rng)
+  vit = siglip.ViT(**siglip.resolve_config(MODEL["img"]))
+  tower_forward = flops(lambda p, x: vit.apply({"params": p}, x)[0],
+                        {k: v for k, v in params["img"].items() if k != "head"}, batch["image"])
+  # The backward of a forward pass costs about twice the forward.
+  assert step_all - step_frozen > 1.5 * tower_forward, (step_all, step_frozen, tower_forward)
+
+  step = jax.jit(ts.make_train_step(model, tx, frozen=frozen))
+  state, metrics = step(state, batch, rng)
+  state, _ = step(state, batch, rng)  # The first update is 0 (warmup from 0).
+  new = jax.device_get(state["params"])
+  for a, b in zip(jax.tree.leaves(params["img"]["Transformer"]),
+                  jax.tree.leaves(new["img"]["Transformer"])):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params["llm"]),
+                                                      jax.tree.leaves(new["llm"])))
+  # grad_norm: the trainable gradients only (the full gradient's norm is larger).
+  loss_fn = ts.make_loss_fn(model, label_smoothing=0.0, reduction="per_example")
+  full = dict(batch, rng=jax.random.split(jax.random.PRNGKey(0), 8))
+  grads = jax.grad(lambda p: (lambda n, d: n / d)(*loss_fn(p, full)))(params)
+  trainable = jax.tree.map(lambda f, g: 0 * g if f else g, frozen, grads)
+  np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(trainable), rtol=2e-5)
+  assert optax.tree.norm(grads) > 1.001 * optax.tree.norm(trainable)  # Measured: 1.0027.
+  with pytest.raises(ValueError, match="matches no rule for params"):
+    optim.frozen_mask(ConfigDict(dict(schedule=[("llm/.*", None)])), params)
