@@ -112,7 +112,8 @@ def get_config(arg=None):
   schedule = dict(decay_type="cosine", warmup_steps=2 if smoke else 100)
   if a.encoder == "pretrained":
     # The pretrained tower stays as it is and its projector learns (XLA then skips the
-    # tower's backward pass). Trained at the LLM's rate it scored the same within noise.
+    # tower's backward pass). Trained at the LLM's rate (with num_kv_heads=1) it did worse:
+    # CIDEr 3.36 vs 5.36, AP50 0.81 vs 0.89; at a tenth of it, about the same as frozen.
     del c["schedule"]  # A list replaces the base config's dict (ConfigDict keeps types).
     c.schedule = [(FROZEN_TOWER, None), (".*", schedule)]
   else:
