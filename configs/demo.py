@@ -25,8 +25,9 @@ by its colour ("which shape is red?" 0.90) but hardly by its kind, although the 
 tokens name kinds (a linear probe: 0.82). With one key/value head (num_kv_heads=1) and with
 the tower trained, colour stayed at 0.57-0.64; with twice the VQA examples, 0.50; on VQA
 alone, 0.14; with detection prompts naming a random subset of the shapes (find by kind on a
-third of the batch), 0.56 and detection AP50 fell to 0.73. The encoder before (6000 steps, kind accuracy 0.27 against 0.875 now) gave
-caption word-F1 0.71, colour 0.36, detection AP50 0.568.
+third of the batch), 0.56 and detection AP50 fell to 0.73. The encoder before (6000 steps,
+kind accuracy 0.27 against 0.875 now) gave caption word-F1 0.71, colour 0.36, detection
+AP50 0.568.
 With encoder=scratch (2026-11-27, then with twice the caption and VQA examples)
 the model read the image for captions (CIDEr 1.88 / 0.47) but did not localise (AP50
 0.014 / 0.010, mIoU 0.065 / 0.063): from step 50 on, the loss on <loc> tokens was the same

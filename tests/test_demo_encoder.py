@@ -67,6 +67,12 @@ def test_patch_targets_name_the_object_covering_most_of_each_patch():
       assert (t["token_kind"][token], t["token_colour"][token]) == want, (i, token, cover)
       seen.add(want == background)
   assert seen == {True, False}  # Both kinds of patch occurred.
+  empty = {"image": np.zeros((64, 64, 3), np.uint8),
+           "objects": {"label": [], "colour": [], "bbox": np.zeros((0, 4), np.float32),
+                       "mask": np.zeros((0, 64, 64), bool)}}
+  t = enc.scene_targets(empty, patch=16)
+  assert not t["present"].any() and (t["token_kind"] == background[0]).all()
+  assert (t["token_colour"] == background[1]).all()
   with pytest.raises(ValueError, match="not a multiple of patch 24"):
     enc.scene_targets(source[0], patch=24)
   with pytest.raises(ValueError, match="513 val scenes asked for, the split has 512"):
